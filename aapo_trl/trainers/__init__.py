@@ -1,0 +1,6 @@
+from .aapo import AAPOTrainer, ReferenceUpdateCallback
+from .base import AdvantageTrainerMixin, ScoredBatch
+from .gpg import GPGTrainer
+from .grpo import GRPOBaselineTrainer
+
+__all__ = ["AAPOTrainer", "AdvantageTrainerMixin", "GPGTrainer", "GRPOBaselineTrainer", "ReferenceUpdateCallback", "ScoredBatch"]
