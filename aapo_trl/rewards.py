@@ -1,0 +1,424 @@
+"""Rule-based reward functions for the AAPO / ZAPO recipes, in TRL's reward-function protocol.
+
+Every reward is called as ``fn(completions, solution=None, **kwargs) -> list[float | None]``, one value per
+completion. A completion is a plain string or a conversational list of messages
+(``[{"role": "assistant", "content": "..."}]``). TRL also passes ``prompts``, ``completion_ids``,
+``trainer_state``, ``log_extra``, ``log_metric`` and the dataset's other columns; they are accepted and
+ignored where unused. ``None`` means "unscorable" (the gold answer cannot be parsed): TRL turns it into NaN
+and the row is left out instead of being rewarded.
+
+Where the values come from:
+
+- ``accuracy``: the AAPO paper's accuracy reward (Appendix C.1: 1 correct, 0 otherwise), graded by
+  math-verify the way open-r1 / TRL do (boxed answer first, anchored extraction).
+- ``format``: the AAPO paper's format reward (Appendix C.1, the open-rs recipe): 1 when the response
+  contains the delimiter ``"\\n</think>\\n"``.
+- ``tag_count``: open-r1's ``tag_count_reward`` (0.25 per tag that appears exactly once).
+- ``cosine``: the cosine length-scaled reward of the AAPO paper (Appendix C.1, Eqs. 9-10) with open-r1's
+  defaults, with progress clipped to [0, 1] (the authors' code does not clip; see ALGORITHMS.md section 2).
+- ``accuracy_zapo``: the ZAPO paper's reward, 1 correct / 0.1 wrong, and 0 when no answer can be
+  extracted (as in GRESO's code; ALGORITHMS.md section 3).
+- ``final_number``: the last number in the completion equals the gold number (TESTBED.md, "Rewards on
+  arithmetic"), for the built-in arithmetic dataset.
+
+Unlike the authors' code, an unparseable gold answer gives ``None``, never 1.0.
+
+math-verify 0.5.2 guards its parsing and comparisons with ``signal.alarm`` timeouts. Those fail off the
+main thread, and math-verify swallows the error: every LaTeX parse then falls back to a bare string and
+every ``verify`` returns False, so every answer would silently score 0. Passing ``None`` as the timeout does
+not help in 0.5.2 (``signal.alarm(None)`` raises inside the same swallowed ``try``). This module therefore
+wraps math-verify's ``timeout`` decorator once, on import: on the main thread it keeps the timeout; off
+the main thread, or with a falsy timeout, it runs the function without one.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import math
+import re
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from decimal import Decimal
+from typing import Any
+
+import math_verify.grader
+import math_verify.parser
+from latex2sympy2_extended import NormalizationConfig
+from math_verify import LatexExtractionConfig, parse, verify
+
+RewardFunc = Callable[..., list]
+
+PARSING_TIMEOUT_S = 5
+VERIFY_TIMEOUT_S = 5
+
+THINK_CLOSE = "\n</think>\n"
+TAG_COUNT_TAGS = ("<think>\n", "\n</think>\n", "\n<answer>\n", "\n</answer>")
+
+
+# --------------------------------------------------------------------------- math-verify timeouts
+
+
+def _thread_safe_timeout(original: Callable) -> Callable:
+    """Wrap math-verify's ``timeout(seconds)`` decorator so that it works off the main thread."""
+
+    def timeout(timeout_seconds=10):
+        def decorator(func):
+            if not timeout_seconds or threading.current_thread() is not threading.main_thread():
+                return func
+            return original(timeout_seconds)(func)
+
+        return decorator
+
+    timeout.aapo_original = original
+    return timeout
+
+
+def _install_thread_safe_timeouts() -> None:
+    for module in (math_verify.parser, math_verify.grader):
+        current = getattr(module, "timeout", None)
+        if current is not None and not hasattr(current, "aapo_original"):
+            module.timeout = _thread_safe_timeout(current)
+
+
+_install_thread_safe_timeouts()
+
+
+# --------------------------------------------------------------------------- completion text
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one completion, plain (``str``) or conversational (a list of messages, or one message).
+
+    Conversational completions: the contents of the assistant messages (a message without a role counts as
+    the assistant's), joined by newlines; content given as a list of parts contributes its text parts.
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return _message_text(completion)
+    if isinstance(completion, (list, tuple)):
+        return "\n".join(_message_text(m) for m in completion if m.get("role", "assistant") == "assistant")
+    raise TypeError(f"A completion must be a string or a list of messages, got {type(completion).__name__}.")
+
+
+def _message_text(message: dict) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+
+
+# --------------------------------------------------------------------------- math-verify grading
+
+# open-r1's answer-side settings: boxed answers first, and no extraction without an anchor ("answer is",
+# \boxed{}, ...), so that merely restating the question ("6 + 8") is not read as the answer.
+_ANSWER_CONFIG = [
+    LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            basic_latex=True,
+            units=True,
+            malformed_operators=False,
+            nits=False,
+            boxed="all",
+            equations=True,
+        ),
+        boxed_match_priority=0,
+        try_extract_without_anchor=False,
+    )
+]
+_GOLD_CONFIG = [LatexExtractionConfig(boxed_match_priority=0)]
+_LATEX_ANCHORS = ("$", "\\boxed", "\\fbox", "\\(", "\\[")
+
+
+class _Grade(enum.Enum):
+    CORRECT = "correct"
+    WRONG = "wrong"
+    NO_ANSWER = "no_answer"
+    UNSCORABLE = "unscorable"
+
+
+def _gold_candidates(gold: str) -> list[str]:
+    """Texts to try for a gold answer: a gold with a LaTeX anchor as is; a bare one wrapped.
+
+    A bare gold is wrapped rather than parsed as is: math-verify's plain-expression extraction takes the
+    last number of a bare LaTeX string, so "2^{10}" would parse as 2 and "3\\sqrt{3}" as 3.
+    """
+    if any(anchor in gold for anchor in _LATEX_ANCHORS):
+        return [gold]
+    return [f"${gold}$", f"\\boxed{{{gold}}}"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold(gold: str) -> tuple:
+    """math-verify's reading of a gold answer; empty when nothing parses to a sympy object."""
+    for text in _gold_candidates(gold):
+        parsed = parse(text, _GOLD_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
+        if any(not isinstance(item, str) for item in parsed):
+            return tuple(parsed)
+    return ()
+
+
+def _parse_answer(text: str) -> list:
+    return parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
+
+
+def _gold_text(solution: Any) -> str | None:
+    if isinstance(solution, str):
+        return solution.strip() or None
+    if isinstance(solution, (int, float)) and not isinstance(solution, bool):
+        return str(solution)
+    return None
+
+
+def _grade(text: str, solution: Any) -> _Grade:
+    gold_text = _gold_text(solution)
+    gold = _parse_gold(gold_text) if gold_text is not None else ()
+    if not gold:
+        return _Grade.UNSCORABLE
+    answer = _parse_answer(text)
+    if not answer:
+        return _Grade.NO_ANSWER
+    try:
+        correct = verify(list(gold), answer, timeout_seconds=VERIFY_TIMEOUT_S)
+    except Exception:
+        correct = False
+    return _Grade.CORRECT if correct else _Grade.WRONG
+
+
+def _solutions(solution: Any, completions: Sequence, reward_name: str) -> list:
+    if solution is None:
+        raise ValueError(f"The reward {reward_name!r} needs the dataset's `solution` column (one per completion).")
+    if isinstance(solution, (str, bytes)) or len(solution) != len(completions):
+        raise ValueError(f"The reward {reward_name!r} needs one `solution` per completion ({len(completions)}).")
+    return list(solution)
+
+
+def _grades(completions: Sequence, solution: Any, reward_name: str) -> list[_Grade]:
+    golds = _solutions(solution, completions, reward_name)
+    return [_grade(completion_text(c), gold) for c, gold in zip(completions, golds)]
+
+
+# --------------------------------------------------------------------------- rewards
+
+
+def _registered_as(name: str) -> Callable[[Callable], Callable]:
+    """Give a reward function the name TRL logs it under (``rewards/<name>/mean``)."""
+
+    def rename(func: Callable) -> Callable:
+        func.__name__ = name
+        return func
+
+    return rename
+
+
+@_registered_as("accuracy")
+def accuracy_reward(completions: Sequence, solution: Sequence | None = None, **kwargs) -> list[float | None]:
+    """1.0 when the answer verifies against the gold, else 0.0; None for an unparseable gold.
+
+    AAPO paper, Appendix C.1 ("assigns a binary reward of 1 for correct response and 0 otherwise"); the
+    grading is open-r1's / TRL's math-verify accuracy reward: the boxed answer first, LaTeX only after an
+    anchor, so restating "6 + 8" does not score for gold 14 (TESTBED.md). A verification error gives 0.0.
+    An answer equal to the gold as an expression does score (``\\boxed{6 + 8}`` for 14): on arithmetic,
+    where that restates the question, ``final_number`` is the reward that cannot be gamed this way.
+    """
+    values = {_Grade.CORRECT: 1.0, _Grade.WRONG: 0.0, _Grade.NO_ANSWER: 0.0, _Grade.UNSCORABLE: None}
+    return [values[g] for g in _grades(completions, solution, "accuracy")]
+
+
+@_registered_as("format")
+def format_reward(completions: Sequence, **kwargs) -> list[float]:
+    """1.0 when the completion contains ``"\\n</think>\\n"`` exactly once, else 0.0.
+
+    AAPO paper, Appendix C.1: a binary format reward for "containing the delimiter sequence \\n</think>\\n"
+    (the open-rs recipe the paper trains DeepSeek-R1-Distill-Qwen-1.5B with).
+    """
+    return [1.0 if completion_text(c).count(THINK_CLOSE) == 1 else 0.0 for c in completions]
+
+
+@_registered_as("tag_count")
+def tag_count_reward(completions: Sequence, **kwargs) -> list[float]:
+    """0.25 for each of ``<think>\\n``, ``\\n</think>\\n``, ``\\n<answer>\\n``, ``\\n</answer>`` seen exactly once.
+
+    open-r1's ``tag_count_reward`` (values 0.0, 0.25, ..., 1.0).
+    """
+    texts = [completion_text(c) for c in completions]
+    return [0.25 * sum(text.count(tag) == 1 for tag in TAG_COUNT_TAGS) for text in texts]
+
+
+class _CosineReward:
+    """Callable, not a closure, so that it pickles (TRL may send reward functions to another process)."""
+
+    def __init__(self, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit):
+        if max_len <= 0:
+            raise ValueError(f"max_len must be positive, got {max_len}.")
+        if length_unit not in ("tokens", "chars"):
+            raise ValueError(f"length_unit must be 'tokens' or 'chars', got {length_unit!r}.")
+        self.__name__ = "cosine"
+        self.min_value_wrong, self.max_value_wrong = min_value_wrong, max_value_wrong
+        self.min_value_correct, self.max_value_correct = min_value_correct, max_value_correct
+        self.max_len, self.length_unit = max_len, length_unit
+
+    def value(self, correct: bool, length: int) -> float:
+        """The reward of one graded completion of ``length`` units."""
+        progress = min(max(length / self.max_len, 0.0), 1.0)
+        if correct:  # short and correct: max_value_correct; max_len and beyond: min_value_correct
+            short, long = self.max_value_correct, self.min_value_correct
+        else:  # short and wrong: min_value_wrong; max_len and beyond: max_value_wrong
+            short, long = self.min_value_wrong, self.max_value_wrong
+        return long + 0.5 * (short - long) * (1.0 + math.cos(progress * math.pi))
+
+    def lengths(self, completions: Sequence, completion_ids: Sequence | None) -> list[int]:
+        if self.length_unit == "tokens" and completion_ids is not None:
+            return [len(ids) for ids in completion_ids]
+        if self.length_unit == "tokens":
+            warnings.warn("cosine reward: no completion_ids given, measuring length in characters.", stacklevel=3)
+        return [len(completion_text(c)) for c in completions]
+
+    def __call__(self, completions, solution=None, completion_ids=None, **kwargs) -> list[float | None]:
+        grades = _grades(completions, solution, "cosine")
+        lengths = self.lengths(completions, completion_ids)
+        return [
+            None if g is _Grade.UNSCORABLE else self.value(g is _Grade.CORRECT, n)
+            for g, n in zip(grades, lengths, strict=True)
+        ]
+
+    def __repr__(self) -> str:
+        return f"make_cosine_reward(max_len={self.max_len}, length_unit={self.length_unit!r}, ...)"
+
+
+def make_cosine_reward(
+    min_value_wrong: float = -1.0,
+    max_value_wrong: float = -0.5,
+    min_value_correct: float = 0.5,
+    max_value_correct: float = 1.0,
+    max_len: int = 1000,
+    length_unit: str = "tokens",
+) -> RewardFunc:
+    """The cosine length-scaled reward (AAPO paper Appendix C.1, Eqs. 9-10; defaults from open-r1).
+
+        progress = clip(len / max_len, 0, 1)
+        reward   = v_long + (v_short - v_long) * (1 + cos(pi * progress)) / 2
+
+    with (v_short, v_long) = (max_value_correct, min_value_correct) for a correct answer (short correct
+    answers earn more) and (min_value_wrong, max_value_wrong) for a wrong one or no answer (short wrong
+    answers are penalised more). Correctness is the ``accuracy`` check; an unparseable gold gives None.
+    ``length_unit="tokens"`` counts ``completion_ids`` (characters when they are not given), ``"chars"``
+    counts characters. The progress is clipped: the authors' code does not clip, so past max_len its
+    cosine climbs back and rewards very long completions. The function's ``__name__`` is "cosine".
+    """
+    return _CosineReward(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit)
+
+
+class _AccuracyZapoReward:
+    """Callable, not a closure, so that it pickles."""
+
+    def __init__(self, correct: float, incorrect: float, no_answer: float):
+        self.__name__ = "accuracy_zapo"
+        self.values = {_Grade.CORRECT: correct, _Grade.WRONG: incorrect, _Grade.NO_ANSWER: no_answer}
+
+    def __call__(self, completions, solution=None, **kwargs) -> list[float | None]:
+        return [self.values.get(g) for g in _grades(completions, solution, "accuracy_zapo")]
+
+    def __repr__(self) -> str:
+        return f"make_accuracy_zapo_reward({', '.join(f'{g.value}={v}' for g, v in self.values.items())})"
+
+
+def make_accuracy_zapo_reward(correct: float = 1.0, incorrect: float = 0.1, no_answer: float = 0.0) -> RewardFunc:
+    """The ZAPO paper's reward: 1 correct, 0.1 wrong, 0 when no answer can be extracted; None: bad gold.
+
+    The paper sets 1 / 0.1 (its Section 3, following DeepSeek-R1 / DAPO); 0 for a response with no
+    extractable (boxed-first, anchored) answer follows GRESO's code (ALGORITHMS.md section 3). Correctness is
+    the ``accuracy`` check. The function's ``__name__`` is "accuracy_zapo".
+    """
+    return _AccuracyZapoReward(correct, incorrect, no_answer)
+
+
+_NUMBER = re.compile(r"(?:(?<![\w)\]])[-+])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
+
+
+def _to_decimal(number: str) -> Decimal:
+    return Decimal(number.replace(",", ""))
+
+
+def _gold_number(solution: Any) -> Decimal | None:
+    if isinstance(solution, bool):
+        return None
+    if isinstance(solution, int):
+        return Decimal(solution)
+    if isinstance(solution, float):
+        return Decimal(repr(solution)) if math.isfinite(solution) else None
+    if isinstance(solution, str) and _NUMBER.fullmatch(solution.strip()):
+        return _to_decimal(solution.strip())
+    return None
+
+
+def _last_number(text: str) -> Decimal | None:
+    numbers = _NUMBER.findall(text)
+    return _to_decimal(numbers[-1]) if numbers else None
+
+
+@_registered_as("final_number")
+def final_number_reward(completions: Sequence, solution: Sequence | None = None, **kwargs) -> list[float | None]:
+    """1.0 when the last number in the completion equals the gold number, else 0.0; None: gold not a number.
+
+    TESTBED.md, "Rewards on arithmetic": the reward that trained the tiny model on the built-in arithmetic
+    dataset. Numbers are integers or decimals with an optional sign (a "-" right after a letter, digit or
+    closing bracket is an operator, not a sign) and optional thousands separators ("1,234"); they are
+    compared exactly as decimals, so "14.0" equals 14.
+    """
+    golds = _solutions(solution, completions, "final_number")
+    rewards: list[float | None] = []
+    for completion, gold in zip(completions, golds):
+        target = _gold_number(gold)
+        found = _last_number(completion_text(completion)) if target is not None else None
+        rewards.append(None if target is None else float(found is not None and found == target))
+    return rewards
+
+
+# --------------------------------------------------------------------------- registry
+
+REWARD_REGISTRY: dict[str, RewardFunc] = {
+    func.__name__: func
+    for func in (
+        accuracy_reward,
+        format_reward,
+        tag_count_reward,
+        make_cosine_reward(),
+        make_accuracy_zapo_reward(),
+        final_number_reward,
+    )
+}
+
+
+def get_reward_funcs(names: list[str] | str) -> list[RewardFunc]:
+    """The registered reward functions for ``names`` (a list, or one name / comma-separated names)."""
+    if isinstance(names, str):
+        names = [name.strip() for name in names.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"No reward function named; known: {', '.join(sorted(REWARD_REGISTRY))}.")
+    unknown = [name for name in names if name not in REWARD_REGISTRY]
+    if unknown:
+        known = ", ".join(sorted(REWARD_REGISTRY))
+        raise ValueError(f"Unknown reward function(s) {', '.join(map(repr, unknown))}; known: {known}.")
+    return [REWARD_REGISTRY[name] for name in names]
+
+
+__all__ = [
+    "PARSING_TIMEOUT_S",
+    "REWARD_REGISTRY",
+    "TAG_COUNT_TAGS",
+    "THINK_CLOSE",
+    "VERIFY_TIMEOUT_S",
+    "accuracy_reward",
+    "completion_text",
+    "final_number_reward",
+    "format_reward",
+    "get_reward_funcs",
+    "make_accuracy_zapo_reward",
+    "make_cosine_reward",
+    "tag_count_reward",
+]

@@ -1,0 +1,77 @@
+"""Shared helpers for the tests that run real (tiny, offline, CPU) TRL training steps."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from datasets import Dataset
+
+CPU_ARGS = dict(
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    report_to=[],
+    save_strategy="no",
+    logging_steps=1,
+    disable_tqdm=True,
+    learning_rate=1e-2,
+    seed=0,
+)
+
+
+def prompt_dataset(num_prompts: int = 6) -> Dataset:
+    """Single-digit additions: every prompt tokenises to the same length, so no padding differs across batches."""
+    rows = [
+        {"prompt": [{"role": "user", "content": f"What is {i} + {i + 1}?"}], "solution": str(2 * i + 1)}
+        for i in range(num_prompts)
+    ]
+    return Dataset.from_list(rows)
+
+
+def text_of(completion) -> str:
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def hashed_reward(completions, **kwargs):
+    """A deterministic function of the completion text that spreads rewards over {0, 0.5, 1}."""
+    return [int(hashlib.sha256(text_of(c).encode()).hexdigest(), 16) % 3 / 2 for c in completions]
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.5, seed: int = 1234) -> None:
+    """Move every weight so the policy visibly differs from the model it was copied from."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+class Recorder:
+    """Wraps a trainer's seams to record what the advantage step and the loss saw."""
+
+    def __init__(self, trainer):
+        self.batches = []  # one dict per generation batch
+        self.loss_advantages = []
+        generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+
+        def recording_generate(inputs):
+            output = generate(inputs)
+            batch = {
+                "rewards_per_func": trainer._last_scored.rewards_per_func.clone(),
+                "completion_ids": [list(ids) for ids in trainer._last_scored.completion_ids],
+                "advantages": output["advantages"].clone(),
+                "logged_advantages": list(trainer._logs["advantages"]),
+            }
+            reference = getattr(trainer, "_last_reference", None)
+            if reference is not None:
+                batch["ref_rewards_per_func"] = reference["rewards_per_func"].clone()
+                batch["ref_completion_ids"] = [list(ids) for ids in reference["completion_ids"]]
+            self.batches.append(batch)
+            return output
+
+        def recording_loss(model, inputs):
+            self.loss_advantages.append(inputs["advantages"].detach().clone())
+            return compute_loss(model, inputs)
+
+        trainer._generate_and_score_completions = recording_generate
+        trainer._compute_loss = recording_loss
