@@ -1,3 +1,8 @@
 """aapo-trl: AAPO and ZAPO advantage estimators on top of Hugging Face TRL."""
 
 __version__ = "0.1.0"
+
+from .configs import AAPOConfig, GPGConfig  # noqa: E402
+from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer  # noqa: E402
+
+__all__ = ["AAPOConfig", "AAPOTrainer", "GPGConfig", "GPGTrainer", "GRPOBaselineTrainer", "__version__"]

@@ -1,0 +1,51 @@
+"""AAPO under `accelerate launch --num_processes 2 --cpu`: a prompt group spanning both processes
+gets the same advantages as in a single process."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aapo_trl.advantages import aapo_advantages, combine_reward_functions
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+SCRIPT = Path(__file__).with_name("multiprocess_aapo.py")
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+
+
+def launch(num_processes: int, model_path, out_dir: Path) -> list[dict]:
+    out_dir.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [str(ACCELERATE), "launch", "--num_processes", str(num_processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", "29533",
+               str(SCRIPT), str(model_path), str(out_dir)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    return sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
+
+
+def test_group_spanning_two_processes_gets_single_process_advantages(tiny_model_path, tmp_path):
+    single = launch(1, tiny_model_path, tmp_path / "one")
+    double = launch(2, tiny_model_path, tmp_path / "two")
+    assert [r["world_size"] for r in double] == [2, 2]
+
+    # every rank saw the whole (gathered) batch, identical to the single-process batch
+    for rank in double:
+        assert rank["rewards_per_func"] == single[0]["rewards_per_func"]
+        assert rank["ref_rewards_per_func"] == single[0]["ref_rewards_per_func"]
+    weights = torch.ones(1)
+    rewards = combine_reward_functions(torch.tensor(single[0]["rewards_per_func"]), weights)
+    ref_rewards = combine_reward_functions(torch.tensor(single[0]["ref_rewards_per_func"]), weights)
+    expected = aapo_advantages(rewards, ref_rewards, num_generations=2)
+    assert expected.abs().sum() > 0, "the test needs non-trivial advantages"
+
+    assert single[0]["local_advantages"] == pytest.approx(expected.tolist())
+    stitched = double[0]["local_advantages"] + double[1]["local_advantages"]
+    assert len(double[0]["local_advantages"]) == 3  # rows 0-2 on rank 0: group 1 = rows 2, 3 spans ranks
+    assert stitched == pytest.approx(expected.tolist())
+    assert double[0]["logged"] == pytest.approx(single[0]["logged"])
