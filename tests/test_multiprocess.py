@@ -1,4 +1,4 @@
-"""AAPO under `accelerate launch --num_processes 2 --cpu`: a prompt group spanning both processes
+"""AAPO under `accelerate launch --config_file accelerate_configs/cpu_2proc.yaml` (2 CPU processes): a prompt group spanning both processes
 gets the same advantages as in a single process."""
 
 import json
@@ -16,14 +16,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SCRIPT = Path(__file__).with_name("multiprocess_aapo.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
+CPU_2PROC = Path(__file__).resolve().parents[1] / "accelerate_configs" / "cpu_2proc.yaml"
 
 
 def launch(num_processes: int, model_path, out_dir: Path) -> list[dict]:
     out_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [str(ACCELERATE), "launch", "--num_processes", str(num_processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "--main_process_port", "29533",
-               str(SCRIPT), str(model_path), str(out_dir)]
+    command = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", str(num_processes),
+               "--main_process_port", "29533", str(SCRIPT), str(model_path), str(out_dir)]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     return sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
