@@ -69,6 +69,8 @@ Nothing here touches the network at import time; only :func:`load_prompt_dataset
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import random
@@ -424,31 +426,6 @@ _SPECS: tuple[DatasetSpec, ...] = (
         source="hkust-nlp/simpleRL-reason README; Qwen2.5-Math evaluation 'qwen-boxed' template",
     ),
     DatasetSpec(
-        name="simplelr_abel_level3to5",
-        hub_id="hkust-nlp/SimpleRL-Zoo-Data",
-        description="SimpleRL-Zoo MATH L3-5, abel format: AAPO's Llama-3.2-1B/3B-Instruct runs",
-        question_column="question",
-        answer_column="gt_answer",
-        required_columns=("question", "gt_answer"),
-        schema_columns=_SIMPLERL_SCHEMA,
-        question_fn=_question_from_column("question"),
-        answer_fn=_answer_simplerl,
-        system_prompt=None,
-        user_template=SIMPLERL_ABEL_USER_TEMPLATE,
-        level_column="level",
-        hub_data_dir="simplelr_abel_level3to5",
-        hub_data_files="{data_dir}/{split}.parquet",
-        aliases=(
-            "SimpleRL-Zoo-Data/simplelr_abel_level3to5",
-            "hkust-nlp/SimpleRL-Zoo-Data/simplelr_abel_level3to5",
-            "simplelr_able_level3to5",  # the AAPO paper's spelling (App. C.2)
-        ),
-        sniff=_sniff_simplerl_abel,
-        source=(
-            "hkust-nlp/simpleRL-reason README; 'abel' template; AAPO App. C.2 (no system prompt)"
-        ),
-    ),
-    DatasetSpec(
         name="dapo-math-17k",
         hub_id="BytedTsinghua-SIA/DAPO-Math-17k",
         description="DAPO-Math-17k (Yu et al. 2025): ZAPO's training data (with MATH-lighteval)",
@@ -480,19 +457,30 @@ _SPECS: tuple[DatasetSpec, ...] = (
         aliases=("DigitalLearningGmbH/MATH-lighteval", "lighteval-math", "light-eval", "lighteval"),
         source="verl examples/data_preprocess/lighteval_math.py (run by GRESO generate_dataset.sh)",
     ),
-    DatasetSpec(
-        name="math-lighteval-level3to5",
-        hub_id="DigitalLearningGmbH/MATH-lighteval",
-        description="MATH Level 3-5 (SimpleRL-Zoo's 'level3to5' filter) in the lighteval wording",
-        question_column="problem",
-        answer_column="solution",
-        required_columns=("problem", "solution", "level"),
-        schema_columns=("problem", "level", "type", "solution"),
-        question_fn=_question_from_column("problem"),
-        answer_fn=_answer_math,
+)
+
+_SIMPLERL_QWEN, _MATH_LIGHTEVAL = _SPECS[1], _SPECS[3]
+_SPECS += (
+    dataclasses.replace(
+        _SIMPLERL_QWEN,
+        name="simplelr_abel_level3to5",
+        description="SimpleRL-Zoo MATH L3-5, abel format: AAPO's Llama-3.2-1B/3B-Instruct runs",
         system_prompt=None,
-        user_template=MATH_LIGHTEVAL_USER_TEMPLATE,
-        level_column="level",
+        user_template=SIMPLERL_ABEL_USER_TEMPLATE,
+        hub_data_dir="simplelr_abel_level3to5",
+        aliases=(
+            "SimpleRL-Zoo-Data/simplelr_abel_level3to5",
+            "hkust-nlp/SimpleRL-Zoo-Data/simplelr_abel_level3to5",
+            "simplelr_able_level3to5",  # the AAPO paper's spelling (App. C.2)
+        ),
+        sniff=_sniff_simplerl_abel,
+        source="hkust-nlp/simpleRL-reason README; 'abel' template; AAPO App. C.2 (no system prompt)",
+    ),
+    dataclasses.replace(
+        _MATH_LIGHTEVAL,
+        name="math-lighteval-level3to5",
+        description="MATH Level 3-5 (SimpleRL-Zoo's 'level3to5' filter) in the lighteval wording",
+        required_columns=("problem", "solution", "level"),
         default_levels=(3, 4, 5),
         aliases=("math_level3to5",),
         source="hkust-nlp/simpleRL-reason README (Hard = MATH lv.3-5)",

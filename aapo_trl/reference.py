@@ -37,6 +37,17 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
+def _unwrapped_for_generation(trainer, model):
+    """The same unwrapping (DeepSpeed ZeRO-3 gathering, generation kwargs) TRL applies to the policy."""
+    return unwrap_model_for_generation(
+        model,
+        trainer.accelerator,
+        gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
+        generation_kwargs=getattr(trainer, "generation_kwargs", None),
+        gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
+    )
+
+
 class FrozenCopyReference:
     """The reference is a separate model: a frozen copy of the initial policy."""
 
@@ -47,13 +58,7 @@ class FrozenCopyReference:
 
     @contextmanager
     def generation_model(self, trainer):
-        with unwrap_model_for_generation(
-            self.model,
-            trainer.accelerator,
-            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-            generation_kwargs=getattr(trainer, "generation_kwargs", None),
-            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as unwrapped:
+        with _unwrapped_for_generation(trainer, self.model) as unwrapped:
             yield unwrapped
 
     def load_policy_weights(self, trainer) -> None:
@@ -76,13 +81,7 @@ class PeftBaseReference:
 
     @contextmanager
     def generation_model(self, trainer):
-        with unwrap_model_for_generation(
-            trainer.model_wrapped,
-            trainer.accelerator,
-            gather_deepspeed3_params=trainer.args.ds3_gather_for_generation,
-            generation_kwargs=getattr(trainer, "generation_kwargs", None),
-            gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        ) as unwrapped:
+        with _unwrapped_for_generation(trainer, trainer.model_wrapped) as unwrapped:
             # TRL loads an initial copy of a re-trained adapter under the name "ref"; use it when present.
             adapter = "ref" if "ref" in unwrapped.peft_config else None
             with use_adapter(unwrapped, adapter_name=adapter):
