@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import PAIRINGS
+from .zapo_math import DIFFICULTY_KINDS, ENTROPY_COMBINES, TIME_SCHEDULES, check_zapo_options
 
 CE_LOSS_TYPES = ("aapo", "gpg")
 """Loss types computed by aapo-trl itself: the token-normalised cross-entropy loss of AAPO Eq. 4 / GPG."""
@@ -31,7 +32,45 @@ def _validate_ce_loss(config: GRPOConfig) -> None:
 
 
 @dataclass
-class AAPOConfig(GRPOConfig):
+class GRESOArguments:
+    """GRESO pre-rollout filtering (Zheng et al. 2025; ZAPO trains with it), available to every trainer.
+
+    Mixed into each aapo-trl config so that ``greso=True`` works with GRPO, GPG, AAPO and ZAPO alike.
+    """
+
+    greso: bool = field(
+        default=False,
+        metadata={
+            "help": "Skip prompts that were zero-variance in recent rollouts before generating for them (GRESO): a "
+            "prompt with a run of z zero-variance rollouts is kept with probability max(p^z, 0.01)."
+        },
+    )
+    greso_correct_threshold: float = field(
+        default=0.95,
+        metadata={"help": "A reward >= this counts as correct when GRESO tells all-correct from no-correct groups."},
+    )
+    greso_easy_target: float = field(
+        default=0.25 / 3, metadata={"help": "Target share of easy (all-correct) zero-variance prompts (GRESO)."}
+    )
+    greso_hard_target: float = field(
+        default=2 * 0.25 / 3, metadata={"help": "Target share of hard (no-correct) zero-variance prompts (GRESO)."}
+    )
+    greso_p_init: float = field(default=0.5, metadata={"help": "Initial p_easy and p_hard (GRESO)."})
+    greso_p_step: float = field(default=0.01, metadata={"help": "Per-step adjustment of p_easy/p_hard (GRESO)."})
+    greso_p_min: float = field(default=0.05, metadata={"help": "Lower clamp of p_easy/p_hard (GRESO)."})
+    greso_p_max: float = field(default=0.95, metadata={"help": "Upper clamp of p_easy/p_hard (GRESO)."})
+    greso_min_keep_probability: float = field(
+        default=0.01, metadata={"help": "A prompt is never skipped with probability above 1 - this (GRESO)."}
+    )
+
+
+@dataclass
+class GRPOBaselineConfig(GRESOArguments, GRPOConfig):
+    """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
+
+
+@dataclass
+class AAPOConfig(GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
 
@@ -115,7 +154,7 @@ class AAPOConfig(GRPOConfig):
 
 
 @dataclass
-class GPGConfig(GRPOConfig):
+class GPGConfig(GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
 
@@ -140,3 +179,107 @@ class GPGConfig(GRPOConfig):
         _validate_ce_loss(self)
         if self.scale_rewards not in ("group", "none"):
             raise ValueError(f"GPG supports scale_rewards 'group' or 'none', got {self.scale_rewards!r}")
+
+
+@dataclass
+class ZAPOConfig(GRESOArguments, GRPOConfig):
+    r"""
+    Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the
+    paper's (ZAPO, section 4 and appendix B). The TDAR coefficient is named `tdar_beta` because `beta` is TRL's KL
+    coefficient (0 here, as in the paper).
+
+    Parameters:
+        > Parameters that control DAER, the entropy advantage of zero-advantage samples (Eqs. 8-10)
+
+        alpha (`float`, *optional*, defaults to `2.0`):
+            Weight of hard groups in q = n_easy / (n_easy + alpha n_hard) (Eq. 10). The paper uses 2 for
+            Qwen2.5-Math-1.5B and 5 for DeepSeek-R1-Distill-Qwen-1.5B and Qwen2.5-Math-7B.
+        use_daer (`bool`, defaults to `True`): `False` is the "w/o DAER" ablation (zero-advantage rows stay 0).
+        use_semantic_entropy / use_token_entropy (`bool`, default `True`): the "w/o SE" / "w/o TE" ablations.
+        entropy_combine (`str`, defaults to `"mean"`): `"mean"`: E = (SE + TE) / 2, r' = log(1 + E) I (paper);
+            `"sum_of_logs"` (extension): r' = (log(1 + SE) + log(1 + TE)) I.
+        daer_time_schedule (`str`, defaults to `"linear_up"`): `"linear_up"` scales DAER by t / T (paper);
+            `"none"` (extension) uses 1.
+
+        > Parameters that control TDAR, difficulty reshaping of non-zero advantages (Eqs. 11-13)
+
+        tdar_beta (`float`, *optional*, defaults to `5.0`): beta of Eq. 12.
+        use_tdar (`bool`, defaults to `True`): `False` is the "w/o TDAR" ablation.
+        difficulty (`str`, defaults to `"reward"`): d(x) = 1 - mean reward (paper) or `"accuracy"`: 1 - fraction
+            correct.
+
+        > Parameters that control rewards and the semantic-entropy clustering
+
+        correct_reward / incorrect_reward (`float`, defaults `1.0` / `0.1`): the `accuracy_zapo` reward's values.
+        correct_threshold (`float`, defaults to `0.95`): a reward >= this is "correct" (easy/hard classification).
+        kmeans_max_clusters (`int`, defaults to `4`), kmeans_min_silhouette (`float`, `0.1`),
+        kmeans_identical_distance (`float`, `0.02`): the K selection rule of the semantic entropy.
+        entropy_forward_batch_size (`int`, *optional*): micro-batch of the extra no-grad forward pass (default: the
+            per-device train batch size).
+    """
+
+    loss_type: str = field(
+        default="grpo",
+        metadata={"help": "TRL loss type; ZAPO uses the GRPO clipped surrogate (paper Eq. 1), epsilon 0.2, no KL."},
+    )
+    alpha: float = field(
+        default=2.0,
+        metadata={"help": "DAER: q = n_easy / (n_easy + alpha * n_hard) (ZAPO Eq. 10). Paper: 2 for Qwen2.5-Math-1.5B, "
+                  "5 for DeepSeek-R1-Distill-Qwen-1.5B and Qwen2.5-Math-7B."},
+    )
+    tdar_beta: float = field(
+        default=5.0, metadata={"help": "TDAR: A * (1 + sigmoid(beta * t/T * (d - 0.5))) (ZAPO Eq. 12); 5 in the paper."}
+    )
+    correct_reward: float = field(default=1.0, metadata={"help": "Reward of a correct answer (accuracy_zapo)."})
+    incorrect_reward: float = field(
+        default=0.1, metadata={"help": "Reward of a wrong but extractable answer (accuracy_zapo; 0 = no answer)."}
+    )
+    correct_threshold: float = field(
+        default=0.95, metadata={"help": "A reward >= this counts as correct (easy/hard groups, accuracy difficulty)."}
+    )
+    difficulty: str = field(
+        default="reward",
+        metadata={"help": "TDAR difficulty d(x): 'reward' = 1 - mean reward (paper), 'accuracy' = 1 - share correct.",
+                  "choices": list(DIFFICULTY_KINDS)},
+    )
+    use_daer: bool = field(default=True, metadata={"help": "DAER on zero-advantage samples (False: 'w/o DAER')."})
+    use_tdar: bool = field(default=True, metadata={"help": "TDAR on non-zero advantages (False: 'w/o TDAR')."})
+    use_semantic_entropy: bool = field(default=True, metadata={"help": "SE term of DAER (False: 'w/o SE')."})
+    use_token_entropy: bool = field(default=True, metadata={"help": "TE term of DAER (False: 'w/o TE')."})
+    entropy_combine: str = field(
+        default="mean",
+        metadata={"help": "'mean': r' = log(1 + (SE+TE)/2) (paper); 'sum_of_logs' (extension): log(1+SE) + log(1+TE).",
+                  "choices": list(ENTROPY_COMBINES)},
+    )
+    daer_time_schedule: str = field(
+        default="linear_up",
+        metadata={"help": "'linear_up': DAER scaled by t/T (paper); 'none' (extension): no time factor.",
+                  "choices": list(TIME_SCHEDULES)},
+    )
+    kmeans_max_clusters: int = field(default=4, metadata={"help": "Largest K tried for the semantic entropy."})
+    kmeans_min_silhouette: float = field(
+        default=0.1, metadata={"help": "Below this best silhouette score, the group is one cluster (K = 1)."}
+    )
+    kmeans_identical_distance: float = field(
+        default=0.02, metadata={"help": "All pairwise cosine distances below this: one cluster (K = 1)."}
+    )
+    entropy_forward_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Micro-batch of the extra no-grad forward pass (default: per_device_train_batch_size)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _validate_ce_loss(self)
+        check_zapo_options(
+            alpha=self.alpha,
+            beta=self.tdar_beta,
+            entropy_combine=self.entropy_combine,
+            time_schedule=self.daer_time_schedule,
+            difficulty_kind=self.difficulty,
+            use_semantic_entropy=self.use_semantic_entropy,
+            use_token_entropy=self.use_token_entropy,
+            use_daer=self.use_daer,
+        )
+        if self.kmeans_max_clusters < 1:
+            raise ValueError(f"kmeans_max_clusters must be >= 1, got {self.kmeans_max_clusters}")

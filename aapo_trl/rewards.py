@@ -313,18 +313,20 @@ def make_cosine_reward(
     return _CosineReward(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit)
 
 
-class _AccuracyZapoReward:
-    """Callable, not a closure, so that it pickles."""
+class _ThreeLevelReward:
+    """Correct / wrong / no answer mapped to three values (ZAPO's 1 / 0.1 / 0). Callable, not a closure, so it pickles."""
 
-    def __init__(self, correct: float, incorrect: float, no_answer: float):
-        self.__name__ = "accuracy_zapo"
+    def __init__(self, name: str, grader: Callable, correct: float, incorrect: float, no_answer: float):
+        self.__name__ = name
+        self.grader = grader
         self.values = {_Grade.CORRECT: correct, _Grade.WRONG: incorrect, _Grade.NO_ANSWER: no_answer}
 
     def __call__(self, completions, solution=None, **kwargs) -> list[float | None]:
-        return [self.values.get(g) for g in _grades(completions, solution, "accuracy_zapo")]
+        return [self.values.get(g) for g in self.grader(completions, solution, self.__name__)]
 
     def __repr__(self) -> str:
-        return f"make_accuracy_zapo_reward({', '.join(f'{g.value}={v}' for g, v in self.values.items())})"
+        values = ", ".join(f"{g.value}={v}" for g, v in self.values.items())
+        return f"{self.__name__}({values})"
 
 
 def make_accuracy_zapo_reward(correct: float = 1.0, incorrect: float = 0.1, no_answer: float = 0.0) -> RewardFunc:
@@ -334,7 +336,7 @@ def make_accuracy_zapo_reward(correct: float = 1.0, incorrect: float = 0.1, no_a
     extractable (boxed-first, anchored) answer follows GRESO's code (ALGORITHMS.md section 3). Correctness is
     the ``accuracy`` check. The function's ``__name__`` is "accuracy_zapo".
     """
-    return _AccuracyZapoReward(correct, incorrect, no_answer)
+    return _ThreeLevelReward("accuracy_zapo", _grades, correct, incorrect, no_answer)
 
 
 _NUMBER = re.compile(r"(?:(?<![\w)\]])[-+])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)")
@@ -361,6 +363,21 @@ def _last_number(text: str) -> Decimal | None:
     return _to_decimal(numbers[-1]) if numbers else None
 
 
+def _final_number_grades(completions: Sequence, solution: Any, reward_name: str) -> list[_Grade]:
+    golds = _solutions(solution, completions, reward_name)
+    grades = []
+    for completion, gold in zip(completions, golds):
+        target = _gold_number(gold)
+        found = _last_number(completion_text(completion)) if target is not None else None
+        if target is None:
+            grades.append(_Grade.UNSCORABLE)
+        elif found is None:
+            grades.append(_Grade.NO_ANSWER)
+        else:
+            grades.append(_Grade.CORRECT if found == target else _Grade.WRONG)
+    return grades
+
+
 @_registered_as("final_number")
 def final_number_reward(completions: Sequence, solution: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the last number in the completion equals the gold number, else 0.0; None: gold not a number.
@@ -370,13 +387,17 @@ def final_number_reward(completions: Sequence, solution: Sequence | None = None,
     closing bracket is an operator, not a sign) and optional thousands separators ("1,234"); they are
     compared exactly as decimals, so "14.0" equals 14.
     """
-    golds = _solutions(solution, completions, "final_number")
-    rewards: list[float | None] = []
-    for completion, gold in zip(completions, golds):
-        target = _gold_number(gold)
-        found = _last_number(completion_text(completion)) if target is not None else None
-        rewards.append(None if target is None else float(found is not None and found == target))
-    return rewards
+    values = {_Grade.CORRECT: 1.0, _Grade.WRONG: 0.0, _Grade.NO_ANSWER: 0.0}
+    return [values.get(g) for g in _final_number_grades(completions, solution, "final_number")]
+
+
+def make_final_number_zapo_reward(correct: float = 1.0, incorrect: float = 0.1, no_answer: float = 0.0) -> RewardFunc:
+    """ZAPO's three-level reward (1 / 0.1 / 0) graded like ``final_number``: for the built-in arithmetic set.
+
+    "No answer" means the completion contains no number at all. The function's ``__name__`` is
+    "final_number_zapo".
+    """
+    return _ThreeLevelReward("final_number_zapo", _final_number_grades, correct, incorrect, no_answer)
 
 
 # --------------------------------------------------------------------------- registry
@@ -390,6 +411,7 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
         make_cosine_reward(),
         make_accuracy_zapo_reward(),
         final_number_reward,
+        make_final_number_zapo_reward(),
     )
 }
 

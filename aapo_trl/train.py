@@ -19,16 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from trl import GRPOConfig, ModelConfig, TrlParser, get_peft_config
+from trl import ModelConfig, TrlParser, get_peft_config
 
-from .configs import AAPOConfig, GPGConfig
+from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_prompt_dataset
 from .models import load_model_and_tokenizer, resolve_model_path
 from .rewards import get_reward_funcs
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = {"aapo": AAPOConfig, "gpg": GPGConfig, "grpo": GRPOConfig}
+ALGORITHMS = {"aapo": AAPOConfig, "gpg": GPGConfig, "grpo": GRPOBaselineConfig, "zapo": ZAPOConfig}
 
 
 @dataclass
@@ -77,6 +77,9 @@ EMBEDDED_DEFAULTS = {
     "seed": 42,
 }
 
+# ZAPO's rewards are 1 (right) / 0.1 (wrong) / 0 (no answer); on arithmetic they are graded like final_number.
+EMBEDDED_DEFAULTS_BY_ALGORITHM = {"zapo": {"reward_funcs": ["final_number_zapo"]}}
+
 
 def build_parser(algorithm: str) -> TrlParser:
     if algorithm not in ALGORITHMS:
@@ -90,7 +93,8 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(algorithm)
     if "--config" not in argv:
-        defaults = dict(EMBEDDED_DEFAULTS, output_dir=EMBEDDED_DEFAULTS["output_dir"].format(algorithm=algorithm))
+        defaults = dict(EMBEDDED_DEFAULTS, **EMBEDDED_DEFAULTS_BY_ALGORITHM.get(algorithm, {}))
+        defaults["output_dir"] = defaults["output_dir"].format(algorithm=algorithm)
         argv = [item for key, value in defaults.items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
         argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false"]
@@ -115,9 +119,9 @@ def _config_sets(argv: list[str], key: str) -> bool:
 
 
 def trainer_class(algorithm: str):
-    from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer
+    from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer, ZAPOTrainer
 
-    return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer}[algorithm]
+    return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer, "zapo": ZAPOTrainer}[algorithm]
 
 
 def load_policy(model_args: ModelConfig, training_args):
@@ -200,6 +204,11 @@ def summarize(log_history: list[dict], algorithm: str, wall_time_s: float) -> di
         "all_zero_batches": sum(entry.get("zero_adv/all_zero_batch", 0) for entry in steps),
         "margin_mean": mean_of("aapo/margin_mean"),
         "ref_reward_mean": mean_of("aapo/ref_reward_mean"),
+        "easy_groups_mean": mean_of("zapo/easy_groups"),
+        "hard_groups_mean": mean_of("zapo/hard_groups"),
+        "se_mean": mean_of("zapo/se_mean"),
+        "te_mean": mean_of("zapo/te_mean"),
+        "daer_adv_abs_mean": mean_of("zapo/daer_adv_abs_mean"),
     }
 
 
@@ -219,6 +228,12 @@ def format_summary(summary: dict) -> str:
     if summary["margin_mean"] is not None:
         lines.append(
             f"AAPO margin mean {fmt(summary['margin_mean'])}, reference reward mean {fmt(summary['ref_reward_mean'])}"
+        )
+    if summary["easy_groups_mean"] is not None:
+        lines.append(
+            f"ZAPO groups per batch: {fmt(summary['easy_groups_mean'], '.2f')} easy, "
+            f"{fmt(summary['hard_groups_mean'], '.2f')} hard; semantic entropy mean {fmt(summary['se_mean'])}, "
+            f"token entropy mean {fmt(summary['te_mean'])}, |DAER advantage| mean {fmt(summary['daer_adv_abs_mean'], '.4f')}"
         )
     return "\n".join(lines)
 

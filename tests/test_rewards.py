@@ -307,7 +307,9 @@ def test_final_number_gold_not_a_number(gold):
 
 
 def test_registry_names_and_protocol():
-    assert set(REWARD_REGISTRY) == {"accuracy", "format", "tag_count", "cosine", "accuracy_zapo", "final_number"}
+    assert set(REWARD_REGISTRY) == {
+        "accuracy", "format", "tag_count", "cosine", "accuracy_zapo", "final_number", "final_number_zapo"
+    }
     completions = [conv("<think>\nr\n</think>\n\\boxed{14}"), "14"]
     for name, func in REWARD_REGISTRY.items():
         assert func.__name__ == name
@@ -331,3 +333,12 @@ def test_get_reward_funcs_unknown_name():
         assert name in message
     with pytest.raises(ValueError):
         get_reward_funcs([])
+
+
+def test_final_number_zapo_has_three_levels():
+    from aapo_trl.rewards import REWARD_REGISTRY
+
+    reward = REWARD_REGISTRY["final_number_zapo"]
+    completions = ["3 + 4 = 7", "3 + 4 = 8", "no idea", "seven"]
+    assert reward(completions, solution=["7", "7", "7", "x"]) == [1.0, 0.1, 0.0, None]
+    assert reward.__name__ == "final_number_zapo"
