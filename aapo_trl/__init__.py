@@ -2,7 +2,17 @@
 
 __version__ = "0.1.0"
 
-from .configs import AAPOConfig, GPGConfig  # noqa: E402
-from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer  # noqa: E402
+from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig  # noqa: E402
+from .trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer, ZAPOTrainer  # noqa: E402
 
-__all__ = ["AAPOConfig", "AAPOTrainer", "GPGConfig", "GPGTrainer", "GRPOBaselineTrainer", "__version__"]
+__all__ = [
+    "AAPOConfig",
+    "AAPOTrainer",
+    "GPGConfig",
+    "GPGTrainer",
+    "GRPOBaselineConfig",
+    "GRPOBaselineTrainer",
+    "ZAPOConfig",
+    "ZAPOTrainer",
+    "__version__",
+]

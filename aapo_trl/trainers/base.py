@@ -13,11 +13,14 @@ TRL owns the loop. We take three seams, calling ``super()`` and replacing one re
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl.extras.profiling import profiling_context
 
 from ..advantages import (
@@ -27,6 +30,7 @@ from ..advantages import (
     zero_final_advantage_groups,
 )
 from ..configs import CE_LOSS_TYPES
+from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 
 
 @dataclass
@@ -55,6 +59,73 @@ class AdvantageTrainerMixin:
 
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
         super().__init__(model, resolve_reward_funcs(reward_funcs), args, *more_args, **kwargs)
+        self.greso_filter: GRESOFilter | None = None
+        self._greso_sampler: GRESORepeatSampler | None = None
+        if getattr(self.args, "greso", False):
+            self._init_greso()
+
+    # ---- GRESO pre-rollout filtering (aapo_trl.greso documents the protocol followed here) ---------------
+
+    def _init_greso(self) -> None:
+        dataset, args = self.train_dataset, self.args
+        if dataset is None or not hasattr(dataset, "__len__"):
+            raise ValueError("greso=True needs an indexable training dataset (GRESO keys its history on row indices).")
+        self.greso_filter = GRESOFilter(
+            seed=args.seed,
+            dataset_size=len(dataset),
+            dataset_fingerprint=dataset_fingerprint(dataset),
+            p_easy=args.greso_p_init,
+            p_hard=args.greso_p_init,
+            target_easy=args.greso_easy_target,
+            target_hard=args.greso_hard_target,
+            step_size=args.greso_p_step,
+            p_min=args.greso_p_min,
+            p_max=args.greso_p_max,
+            min_keep_probability=args.greso_min_keep_probability,
+            correct_threshold=args.greso_correct_threshold,
+        )
+        self.add_callback(_GRESOStepCallback(self))
+
+    def _get_train_sampler(self, dataset=None):
+        if self.greso_filter is None:
+            return super()._get_train_sampler(dataset)
+        if self._greso_sampler is None:  # one sampler for the whole run: every pull makes decisions
+            self._greso_sampler = GRESORepeatSampler(
+                dataset if dataset is not None else self.train_dataset,
+                mini_repeat_count=self.num_generations,
+                batch_size=self.args.generation_batch_size // self.num_generations,
+                repeat_count=self.num_iterations * self.args.steps_per_generation,
+                shuffle=self.shuffle_dataset,
+                seed=self.args.seed,
+                greso_filter=self.greso_filter,
+            )
+        return self._greso_sampler
+
+    def _record_greso_rollouts(self, rewards: torch.Tensor, num_generations: int) -> None:
+        (chunk,) = self._greso_sampler.mark_consumed()
+        self.greso_filter.record(chunk.prompt_ids, rewards.view(-1, num_generations), epoch=chunk.epochs)
+        # the share of candidates skipped to fill this generation batch (decided when the DataLoader pulled it)
+        self._metrics["train"]["greso/skip_rate"].append(chunk.skip_rate)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.greso_filter is not None and resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            state_file = os.path.join(checkpoint, GRESO_STATE_FILENAME) if checkpoint else None
+            if state_file is None or not os.path.exists(state_file):
+                raise FileNotFoundError(
+                    f"greso=True but the checkpoint {checkpoint!r} holds no {GRESO_STATE_FILENAME}: it was not "
+                    "saved by a GRESO run. Resume from a GRESO checkpoint, or start a new run."
+                )
+            self.greso_filter.restore_json(state_file)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.greso_filter is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.greso_filter.save_json(os.path.join(folder, GRESO_STATE_FILENAME))
 
     # ---- seams -------------------------------------------------------------------------------------
 
@@ -78,6 +149,8 @@ class AdvantageTrainerMixin:
         output["advantages"] = self._local_rows(advantages, scored.num_local_rows).to(output["advantages"].device)
         self._replace_logged_advantages(advantages)
         self._log_zero_advantage_metrics(rewards, advantages, num_generations, mode)
+        if self.greso_filter is not None and mode == "train":
+            self._record_greso_rollouts(rewards, num_generations)
         return output
 
     def _compute_loss(self, model, inputs):
@@ -174,6 +247,19 @@ _MULTIMODAL_KEYS = (
     "mm_token_type_ids",
     "image_position_ids",
 )
+
+
+class _GRESOStepCallback(TrainerCallback):
+    """Once per optimizer step: adapt p_easy/p_hard and log the filter's metrics with that step."""
+
+    def __init__(self, trainer: AdvantageTrainerMixin):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step_metrics = self.trainer.greso_filter.end_step()
+        metrics = self.trainer._metrics["train"]
+        for name in ("greso/p_easy", "greso/p_hard", "greso/epoch"):
+            metrics[name].append(step_metrics[name])
 
 
 def resolve_reward_funcs(reward_funcs):
