@@ -90,3 +90,24 @@ def test_example_script_under_accelerate_launch(tmp_path):
     )
     assert finished.returncode == 0, finished.stderr[-4000:]
     assert "GPG finished: 1 steps" in finished.stdout
+
+
+def test_zapo_embedded_default_uses_the_three_level_reward():
+    from aapo_trl.configs import ZAPOConfig
+
+    script, config, _ = parse_args("zapo", [])
+    assert isinstance(config, ZAPOConfig) and config.loss_type == "grpo" and config.beta == 0.0
+    assert script.reward_funcs == ["final_number_zapo"]
+    assert config.output_dir.endswith("zapo-smollm2-arithmetic")
+    _, config, _ = parse_args("zapo", ["--greso", "true", "--alpha", "5", "--use_tdar", "false"])
+    assert config.greso and config.alpha == 5 and not config.use_tdar
+
+
+@pytest.mark.slow
+def test_cli_trains_zapo_with_greso(tmp_path, capsys):
+    out = tmp_path / "zapo"
+    assert cli_main(["train", "--algorithm", "zapo", *TINY_RUN, "--greso", "true", "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ZAPO finished: 1 steps" in printed and "zero-advantage group share" in printed
+    history = json.loads((out / "metrics.json").read_text())["log_history"]
+    assert "greso/p_easy" in history[0]
