@@ -1,37 +1,36 @@
 """``aapo-trl``: the command-line entry point.
 
-    aapo-trl train --algorithm aapo|gpg|grpo [--config recipe.yaml] [--field value ...]
+    aapo-trl train --algorithm aapo|gpg|grpo|zapo [--config recipe.yaml] [--field value ...]
 
-With no field at all, ``train`` runs the embedded default (SmolLM2-135M-Instruct on the built-in
-arithmetic set, CPU, offline). Every AAPOConfig / GPGConfig / GRPOConfig / ModelConfig field and the
-script arguments of :mod:`aapo_trl.train` can be given, exactly as in ``examples/train_aapo.py``.
+Each subcommand lives in its own module, which exposes ``register_cli(subparsers)``: it adds its
+parser and sets ``handler`` (a function of the parsed namespace and the remaining arguments,
+returning an exit code) with ``parser.set_defaults``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from .train import ALGORITHMS, run
+# Modules that contribute a subcommand (one line each).
+COMMAND_MODULES = [
+    "aapo_trl.train",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aapo-trl", description="AAPO / ZAPO training and evaluation on TRL.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register_cli(subparsers)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="aapo-trl", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser(
-        "train",
-        help="train with AAPO, GPG or GRPO (remaining arguments go to the TRL config parser)",
-        add_help=False,
-    )
-    train.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="aapo")
-    train.add_argument("-h", "--help", action="store_true", help="show the fields of the chosen algorithm's config")
-    known, rest = parser.parse_known_args(argv)
-    if known.command == "train":
-        if known.help:
-            rest = ["--help"]
-        run(known.algorithm, rest)
-    return 0
+    known, rest = build_parser().parse_known_args(argv)
+    return known.handler(known, rest) or 0
 
 
 if __name__ == "__main__":

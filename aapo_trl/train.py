@@ -242,3 +242,20 @@ def run(algorithm: str, argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=os.environ.get("AAPO_TRL_LOG_LEVEL", "WARNING"))
     script_args, training_args, model_args = parse_args(algorithm, argv)
     return main(script_args, training_args, model_args, algorithm=algorithm)
+
+
+def register_cli(subparsers) -> None:
+    """``aapo-trl train``: the remaining arguments go to the algorithm's TrlParser."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train with AAPO, GPG, GRPO or ZAPO (remaining arguments go to the TRL config parser)",
+        add_help=False,
+    )
+    parser.add_argument("--algorithm", choices=sorted(ALGORITHMS), default="aapo")
+    parser.add_argument("-h", "--help", action="store_true", help="show the fields of the chosen algorithm's config")
+    parser.set_defaults(handler=_train_command)
+
+
+def _train_command(args, rest: list[str]) -> int:
+    run(args.algorithm, ["--help"] if args.help else rest)
+    return 0
