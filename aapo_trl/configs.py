@@ -18,7 +18,8 @@ CE_LOSS_TYPES = ("aapo", "gpg")
 """Loss types computed by aapo-trl itself: the token-normalised cross-entropy loss of AAPO Eq. 4 / GPG."""
 
 
-def _validate_ce_loss(config: GRPOConfig) -> None:
+def _validate_common(config: GRPOConfig) -> None:
+    config._validate_robustness()
     if config.loss_type in CE_LOSS_TYPES and config.beta != 0.0:
         raise ValueError(
             f"loss_type={config.loss_type!r} is the CE loss of AAPO/GPG, which has no KL term, but beta={config.beta}. "
@@ -64,13 +65,51 @@ class GRESOArguments:
     )
 
 
+UNSCORABLE_POLICIES = ("error", "unscorable")
+TRUNCATION_POLICIES = ("unscorable", "score")
+
+
 @dataclass
-class GRPOBaselineConfig(GRESOArguments, GRPOConfig):
+class RobustnessArguments:
+    """What happens to rows that cannot be scored, in every aapo-trl config."""
+
+    reward_errors: str = field(
+        default="error",
+        metadata={
+            "help": "A reward function that raises on a row: 'error' stops with the function, row index and exception; "
+            "'unscorable' makes that row unscorable (None, advantage 0) and counts it in reward_errors/<fn>/frac.",
+            "choices": list(UNSCORABLE_POLICIES),
+        },
+    )
+    truncated_completions: str = field(
+        default="unscorable",
+        metadata={
+            "help": "A completion cut at max_completion_length (no EOS): 'unscorable' gives it advantage 0 and keeps it "
+            "out of its group's mean/std; 'score' scores it like any other completion (TRL's behaviour).",
+            "choices": list(TRUNCATION_POLICIES),
+        },
+    )
+
+    def _validate_robustness(self) -> None:
+        if self.reward_errors not in UNSCORABLE_POLICIES:
+            raise ValueError(f"reward_errors must be one of {UNSCORABLE_POLICIES}, got {self.reward_errors!r}")
+        if self.truncated_completions not in TRUNCATION_POLICIES:
+            raise ValueError(
+                f"truncated_completions must be one of {TRUNCATION_POLICIES}, got {self.truncated_completions!r}"
+            )
+
+
+@dataclass
+class GRPOBaselineConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
 
+    def __post_init__(self):
+        super().__post_init__()
+        self._validate_robustness()
+
 
 @dataclass
-class AAPOConfig(GRESOArguments, GRPOConfig):
+class AAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
 
@@ -142,7 +181,7 @@ class AAPOConfig(GRESOArguments, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_ce_loss(self)
+        _validate_common(self)
         if self.margin_pairing not in PAIRINGS:
             raise ValueError(f"margin_pairing must be one of {PAIRINGS}, got {self.margin_pairing!r}")
         if self.margin_clip and self.margin_clip_low > self.margin_clip_high:
@@ -154,7 +193,7 @@ class AAPOConfig(GRESOArguments, GRPOConfig):
 
 
 @dataclass
-class GPGConfig(GRESOArguments, GRPOConfig):
+class GPGConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
 
@@ -176,13 +215,13 @@ class GPGConfig(GRESOArguments, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_ce_loss(self)
+        _validate_common(self)
         if self.scale_rewards not in ("group", "none"):
             raise ValueError(f"GPG supports scale_rewards 'group' or 'none', got {self.scale_rewards!r}")
 
 
 @dataclass
-class ZAPOConfig(GRESOArguments, GRPOConfig):
+class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the
     paper's (ZAPO, section 4 and appendix B). The TDAR coefficient is named `tdar_beta` because `beta` is TRL's KL
@@ -270,7 +309,7 @@ class ZAPOConfig(GRESOArguments, GRPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _validate_ce_loss(self)
+        _validate_common(self)
         check_zapo_options(
             alpha=self.alpha,
             beta=self.tdar_beta,

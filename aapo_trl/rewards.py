@@ -205,17 +205,22 @@ def _grades(completions: Sequence, solution: Any, reward_name: str) -> list[_Gra
 # --------------------------------------------------------------------------- rewards
 
 
-def _registered_as(name: str) -> Callable[[Callable], Callable]:
-    """Give a reward function the name TRL logs it under (``rewards/<name>/mean``)."""
+GOLD_COLUMNS = ("solution",)
+"""Dataset columns a gold-answer reward reads; exposed as ``required_columns`` so trainers check them up front."""
+
+
+def _registered_as(name: str, required_columns: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Give a reward function the name TRL logs it under (``rewards/<name>/mean``) and its dataset needs."""
 
     def rename(func: Callable) -> Callable:
         func.__name__ = name
+        func.required_columns = required_columns
         return func
 
     return rename
 
 
-@_registered_as("accuracy")
+@_registered_as("accuracy", GOLD_COLUMNS)
 def accuracy_reward(completions: Sequence, solution: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the answer verifies against the gold, else 0.0; None for an unparseable gold.
 
@@ -258,6 +263,7 @@ class _CosineReward:
         if length_unit not in ("tokens", "chars"):
             raise ValueError(f"length_unit must be 'tokens' or 'chars', got {length_unit!r}.")
         self.__name__ = "cosine"
+        self.required_columns = GOLD_COLUMNS
         self.min_value_wrong, self.max_value_wrong = min_value_wrong, max_value_wrong
         self.min_value_correct, self.max_value_correct = min_value_correct, max_value_correct
         self.max_len, self.length_unit = max_len, length_unit
@@ -318,6 +324,7 @@ class _ThreeLevelReward:
 
     def __init__(self, name: str, grader: Callable, correct: float, incorrect: float, no_answer: float):
         self.__name__ = name
+        self.required_columns = GOLD_COLUMNS
         self.grader = grader
         self.values = {_Grade.CORRECT: correct, _Grade.WRONG: incorrect, _Grade.NO_ANSWER: no_answer}
 
@@ -378,7 +385,7 @@ def _final_number_grades(completions: Sequence, solution: Any, reward_name: str)
     return grades
 
 
-@_registered_as("final_number")
+@_registered_as("final_number", GOLD_COLUMNS)
 def final_number_reward(completions: Sequence, solution: Sequence | None = None, **kwargs) -> list[float | None]:
     """1.0 when the last number in the completion equals the gold number, else 0.0; None: gold not a number.
 
@@ -444,3 +451,75 @@ __all__ = [
     "make_cosine_reward",
     "tag_count_reward",
 ]
+
+
+# --------------------------------------------------------------------------- failure handling
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function raised while scoring a batch; names the function, the row and the exception."""
+
+
+class GuardedReward:
+    """Wraps a reward function so that a failure names its row and non-finite rewards become unscorable.
+
+    ``on_error="error"``: an exception is re-raised as :class:`RewardFunctionError` naming the function,
+    the row index in the batch (found by re-scoring row by row) and the original exception.
+    ``on_error="unscorable"``: the failing rows become ``None`` (unscorable: advantage 0) and their share
+    is logged as ``reward_errors/<name>/frac`` through TRL's ``log_metric`` side channel. NaN or
+    infinite rewards are always made ``None`` (logged as ``reward_nonfinite/<name>/frac``).
+    """
+
+    def __init__(self, func: RewardFunc, on_error: str = "error"):
+        if on_error not in ("error", "unscorable"):
+            raise ValueError(f"on_error must be 'error' or 'unscorable', got {on_error!r}")
+        self.func = func
+        self.on_error = on_error
+        self.__name__ = getattr(func, "__name__", type(func).__name__)
+        self.required_columns = tuple(getattr(func, "required_columns", ()))
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        try:
+            rewards = list(self.func(completions=completions, **kwargs))
+            errors = 0
+        except Exception as batch_error:  # find the row(s); a reward may fail for reasons unrelated to one row
+            rewards, errors = self._row_by_row(completions, kwargs, batch_error)
+        nonfinite = 0
+        for index, value in enumerate(rewards):
+            if value is not None and not math.isfinite(float(value)):
+                rewards[index], nonfinite = None, nonfinite + 1
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None and completions:
+            if self.on_error == "unscorable":
+                log_metric(f"reward_errors/{self.__name__}/frac", errors / len(completions))
+            log_metric(f"reward_nonfinite/{self.__name__}/frac", nonfinite / len(completions))
+        return rewards
+
+    def _row_by_row(self, completions, kwargs, batch_error: Exception) -> tuple[list, int]:
+        rewards, errors = [], 0
+        for index in range(len(completions)):
+            row_kwargs = {
+                key: value[index : index + 1] if isinstance(value, list) and len(value) == len(completions) else value
+                for key, value in kwargs.items()
+            }
+            try:
+                (value,) = self.func(completions=completions[index : index + 1], **row_kwargs)
+            except Exception as row_error:
+                if self.on_error == "error":
+                    raise RewardFunctionError(
+                        f"reward function {self.__name__!r} failed on row {index} of the batch "
+                        f"(completion {completion_text(completions[index])[:200]!r}): "
+                        f"{type(row_error).__name__}: {row_error}. Fix the function or the row, or set "
+                        "reward_errors='unscorable' to score such rows as None (advantage 0)."
+                    ) from row_error
+                value, errors = None, errors + 1
+            rewards.append(value)
+        if errors == 0 and self.on_error == "error":  # no single row reproduces it: report the batch failure
+            raise RewardFunctionError(
+                f"reward function {self.__name__!r} failed on the batch but on no single row: "
+                f"{type(batch_error).__name__}: {batch_error}"
+            ) from batch_error
+        return rewards, errors
+
+    def __repr__(self) -> str:
+        return f"GuardedReward({self.func!r}, on_error={self.on_error!r})"

@@ -17,6 +17,9 @@ CPU_ARGS = dict(
     disable_tqdm=True,
     learning_rate=1e-2,
     seed=0,
+    # the tiny random model rarely stops before max_completion_length; score its truncated completions
+    # so that the tests see non-trivial advantages (the default makes them unscorable)
+    truncated_completions="score",
 )
 
 
@@ -53,10 +56,17 @@ class Recorder:
         self.batches = []  # one dict per generation batch
         self.loss_advantages = []
         generate, compute_loss = trainer._generate_and_score_completions, trainer._compute_loss
+        compute_advantages = trainer.compute_advantages
+        self._rewards = None
+
+        def recording_advantages(rewards, *args, **kwargs):
+            self._rewards = rewards.clone()  # what the advantage step saw (unscorable rows NaN)
+            return compute_advantages(rewards, *args, **kwargs)
 
         def recording_generate(inputs):
             output = generate(inputs)
             batch = {
+                "rewards": self._rewards,
                 "rewards_per_func": trainer._last_scored.rewards_per_func.clone(),
                 "completion_ids": [list(ids) for ids in trainer._last_scored.completion_ids],
                 "advantages": output["advantages"].clone(),
@@ -75,3 +85,4 @@ class Recorder:
 
         trainer._generate_and_score_completions = recording_generate
         trainer._compute_loss = recording_loss
+        trainer.compute_advantages = recording_advantages

@@ -52,7 +52,7 @@ def test_aapo_loss_sees_the_pure_function_of_the_captured_rewards(tiny_model_pat
 
     assert len(recorder.batches) == 2
     for batch in recorder.batches:
-        rewards = combine_reward_functions(batch["rewards_per_func"], trainer.reward_weights)
+        rewards = batch["rewards"]
         ref_rewards = combine_reward_functions(batch["ref_rewards_per_func"], trainer.reward_weights)
         expected = aapo_advantages(rewards, ref_rewards, 3)
         torch.testing.assert_close(batch["advantages"], expected)
@@ -179,18 +179,17 @@ def test_gpg_loss_sees_the_corrected_advantage(tiny_model_path, tmp_path):
     recorder = Recorder(trainer)
     trainer.train()
     for batch in recorder.batches:
-        rewards = combine_reward_functions(batch["rewards_per_func"], trainer.reward_weights)
-        torch.testing.assert_close(batch["advantages"], gpg_advantages(rewards, 3))
+        torch.testing.assert_close(batch["advantages"], gpg_advantages(batch["rewards"], 3))
     seen = torch.cat(recorder.loss_advantages).sort().values
     torch.testing.assert_close(seen, torch.cat([b["advantages"] for b in recorder.batches]).sort().values)
     assert "zero_adv/all_zero_batch" in trainer.state.log_history[0]
 
 
 def test_grpo_baseline_keeps_trls_advantage(tiny_model_path, tmp_path):
-    from trl import GRPOConfig
+    from aapo_trl.configs import GRPOBaselineConfig
 
     trl_advantages = []
-    config = GRPOConfig(**dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,
+    config = GRPOBaselineConfig(**dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,
                                max_completion_length=6, max_steps=1, loss_type="grpo"))
     trainer = GRPOBaselineTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], args=config,
                                   train_dataset=prompt_dataset())

@@ -90,7 +90,7 @@ def test_zapo_advantages_are_the_pure_functions_of_the_captured_statistics(tiny_
     trainer.train()
 
     for step, (batch, stats) in enumerate(zip(recorder.batches, statistics), start=1):
-        rewards = batch["rewards_per_func"][:, 0]
+        rewards = batch["rewards"]
         groups = rewards.view(-1, NUM_GENERATIONS)
         kinds = sorted("easy" if g.min() == 1 else "hard" if g.max() == 0.1 else "mixed" for g in groups)
         assert kinds == ["easy", "hard", "mixed"]

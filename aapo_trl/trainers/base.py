@@ -31,6 +31,7 @@ from ..advantages import (
 )
 from ..configs import CE_LOSS_TYPES
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
+from ..validation import resolve_reward_funcs, validate_training_dataset
 
 
 @dataclass
@@ -58,7 +59,11 @@ class AdvantageTrainerMixin:
     _last_scored: ScoredBatch | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
-        super().__init__(model, resolve_reward_funcs(reward_funcs), args, *more_args, **kwargs)
+        reward_funcs = resolve_reward_funcs(reward_funcs, on_error=getattr(args, "reward_errors", "error"))
+        funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+        if kwargs.get("environment_factory") is None:
+            validate_training_dataset(kwargs.get("train_dataset"), funcs, "train_dataset")
+        super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         self.greso_filter: GRESOFilter | None = None
         self._greso_sampler: GRESORepeatSampler | None = None
         if getattr(self.args, "greso", False):
@@ -145,6 +150,8 @@ class AdvantageTrainerMixin:
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         rewards = combine_reward_functions(scored.rewards_per_func, self.reward_weights)
+        rewards = rewards.masked_fill(self._unscorable_completions(scored.completion_ids).to(rewards.device), float("nan"))
+        self._metrics[mode]["unscorable/frac_rows"].append(torch.isnan(rewards).float().mean().item())
         advantages = self.compute_advantages(rewards, scored, output, num_generations, mode)
         output["advantages"] = self._local_rows(advantages, scored.num_local_rows).to(output["advantages"].device)
         self._replace_logged_advantages(advantages)
@@ -182,6 +189,21 @@ class AdvantageTrainerMixin:
         )
         self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
         return loss
+
+    def _unscorable_completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
+        """Global bool per row: empty completions, and truncated ones unless ``truncated_completions="score"``.
+
+        Such rows carry no usable answer: like a row every reward function returned None for, they are
+        left out of their group's mean/std and get advantage 0 (ALGORITHMS.md section 1).
+        """
+        end_tokens = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        truncated_unscorable = getattr(self.args, "truncated_completions", "score") == "unscorable"
+        flags = []
+        for ids in completion_ids:
+            empty = all(token in end_tokens for token in ids)
+            truncated = not ids or ids[-1] not in end_tokens
+            flags.append(empty or (truncated and truncated_unscorable))
+        return self.accelerator.gather(torch.tensor(flags, device=self.accelerator.device)).cpu()
 
     # ---- hooks for subclasses ------------------------------------------------------------------------
 
@@ -260,14 +282,3 @@ class _GRESOStepCallback(TrainerCallback):
         metrics = self.trainer._metrics["train"]
         for name in ("greso/p_easy", "greso/p_hard", "greso/epoch"):
             metrics[name].append(step_metrics[name])
-
-
-def resolve_reward_funcs(reward_funcs):
-    """Registry names (``"format"``, ``"cosine"``, ...) become our reward functions; anything else is TRL's."""
-    from ..rewards import REWARD_REGISTRY
-
-    if reward_funcs is None:
-        return None
-    as_list = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
-    resolved = [REWARD_REGISTRY.get(f, f) if isinstance(f, str) else f for f in as_list]
-    return resolved if isinstance(reward_funcs, list) else resolved[0]

@@ -1,0 +1,84 @@
+"""Checks that run before any model is loaded or any completion generated.
+
+Each error names the field, row or file at fault and says how to fix it: a multi-day run should fail
+in its first second, not after the first rollout.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .rewards import REWARD_REGISTRY, GuardedReward
+
+
+def resolve_reward_funcs(reward_funcs, on_error: str = "error"):
+    """Registry names become our reward functions; plain Python reward functions get a :class:`GuardedReward`.
+
+    A string that is neither a registry name, a local folder nor a Hub id (``owner/name``: a reward
+    model, loaded by TRL) is a typo: it raises with the known names. Reward models (``nn.Module``) and
+    async functions are passed to TRL unchanged.
+    """
+    if reward_funcs is None:
+        return None
+    as_list = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
+    resolved = []
+    for func in as_list:
+        if isinstance(func, str):
+            if func in REWARD_REGISTRY:
+                func = REWARD_REGISTRY[func]
+            elif "/" not in func and not os.path.isdir(func):
+                raise ValueError(
+                    f"unknown reward function {func!r}: known names are {sorted(REWARD_REGISTRY)} "
+                    "(or pass a callable, a local reward-model folder or a Hub id owner/name)."
+                )
+        if _is_plain_callable(func) and not isinstance(func, GuardedReward):
+            func = GuardedReward(func, on_error=on_error)
+        resolved.append(func)
+    return resolved if isinstance(reward_funcs, list) else resolved[0]
+
+
+def _is_plain_callable(func: Any) -> bool:
+    if isinstance(func, (str, nn.Module)) or not callable(func):
+        return False
+    return not (inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None)))
+
+
+def _column_names(dataset) -> list[str] | None:
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        return list(names)
+    try:  # an IterableDataset without features: look at its first row
+        return list(next(iter(dataset)).keys())
+    except StopIteration:
+        return []
+
+
+def validate_training_dataset(
+    dataset, reward_funcs: Sequence[Callable] | None, label: str = "train_dataset", needs_prompt: bool = True
+) -> None:
+    """The dataset is non-empty and has ``prompt`` plus every column a reward function declares it reads."""
+    if dataset is None:
+        return
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"{label} is empty: there is nothing to train on. Check the split, filters and max samples.")
+    columns = _column_names(dataset)
+    if columns == []:
+        raise ValueError(f"{label} yields no rows: there is nothing to train on.")
+    if needs_prompt and "prompt" not in columns:
+        raise ValueError(
+            f"{label} has no 'prompt' column (columns: {columns}). Map your question column to a 'prompt' "
+            "(a string or a list of chat messages), e.g. with aapo_trl.data.load_prompt_dataset."
+        )
+    for func in reward_funcs or []:
+        missing = [c for c in getattr(func, "required_columns", ()) if c not in columns]
+        if missing:
+            name = getattr(func, "__name__", type(func).__name__)
+            raise ValueError(
+                f"reward function {name!r} reads the column(s) {missing}, which {label} does not have "
+                f"(columns: {columns}). Add the gold answers as a {missing[0]!r} column, or drop {name!r}."
+            )
