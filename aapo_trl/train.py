@@ -98,7 +98,30 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
         argv = [item for key, value in defaults.items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
         argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false"]
-    return parser.parse_args_and_config(argv)
+    try:
+        return parser.parse_args_and_config(argv)
+    except ValueError as error:
+        raise _explain_unknown_fields(error, parser, argv) from error
+
+
+def _explain_unknown_fields(error: ValueError, parser: TrlParser, argv: list[str]) -> ValueError:
+    """TrlParser rejects unknown fields; say where they came from and which field was probably meant."""
+    import difflib
+    import re
+
+    unknown = re.findall(r"'--([A-Za-z0-9_.-]+)'", str(error))
+    if "arguments" not in str(error) or not unknown:
+        return error
+    known = sorted({action.dest for action in parser._actions})
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    source = f"the recipe {argv[argv.index('--config') + 1]}" if "--config" in argv else "the command line"
+    return ValueError(
+        f"unknown field(s) in {source}: {', '.join(hints)}. Every field must be a script argument, a config field "
+        f"or a ModelConfig field; see `aapo-trl train --algorithm ... --help`."
+    )
 
 
 def _as_cli(key, value) -> list[str]:
