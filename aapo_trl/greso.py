@@ -121,7 +121,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence, Sized
 from dataclasses import dataclass
@@ -130,6 +129,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
+from .checkpointing import atomic_write_json
 from .zapo_math import classify_zero_advantage_groups
 
 greso_state_filename = "greso_state.json"
@@ -565,33 +565,7 @@ class GRESOFilter:
         A crash at any point leaves either the previous file or the new one, never a partial file.
         Plain JSON (no pickle, no NaN literals). Call on the main process only.
         """
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        text = json.dumps(self.state_dict(), allow_nan=False, separators=(",", ":"))
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
-        try:  # persist the rename itself; best effort (not every platform can open a directory)
-            dir_fd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dir_fd)
-        except OSError:
-            pass
-        finally:
-            os.close(dir_fd)
+        atomic_write_json(path, self.state_dict())
 
     @staticmethod
     def read_json(path: str | os.PathLike) -> dict[str, Any]:

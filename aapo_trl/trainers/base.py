@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.extras.profiling import profiling_context
 
 from ..advantages import (
@@ -29,6 +29,7 @@ from ..advantages import (
     zero_advantage_groups,
     zero_final_advantage_groups,
 )
+from ..checkpointing import mark_checkpoint_complete, resolve_resume_checkpoint
 from ..configs import CE_LOSS_TYPES
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
@@ -113,24 +114,33 @@ class AdvantageTrainerMixin:
         self._metrics["train"]["greso/skip_rate"].append(chunk.skip_rate)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if self.greso_filter is not None and resume_from_checkpoint:
-            checkpoint = resume_from_checkpoint
-            if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            state_file = os.path.join(checkpoint, GRESO_STATE_FILENAME) if checkpoint else None
-            if state_file is None or not os.path.exists(state_file):
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self._load_extra_state(checkpoint)
+        return super().train(checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self._save_extra_state(folder)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:  # last: a checkpoint without it was interrupted while saving
+            mark_checkpoint_complete(folder, self.state.global_step, self._name)
+
+    def _save_extra_state(self, checkpoint: str) -> None:
+        """aapo-trl's own state (JSON / safetensors) beside the Trainer's; subclasses add theirs."""
+        if self.greso_filter is not None and self.args.should_save:
+            self.greso_filter.save_json(os.path.join(checkpoint, GRESO_STATE_FILENAME))
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        if self.greso_filter is not None:
+            state_file = os.path.join(checkpoint, GRESO_STATE_FILENAME)
+            if not os.path.exists(state_file):
                 raise FileNotFoundError(
                     f"greso=True but the checkpoint {checkpoint!r} holds no {GRESO_STATE_FILENAME}: it was not "
                     "saved by a GRESO run. Resume from a GRESO checkpoint, or start a new run."
                 )
             self.greso_filter.restore_json(state_file)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.greso_filter is not None and self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            self.greso_filter.save_json(os.path.join(folder, GRESO_STATE_FILENAME))
 
     # ---- seams -------------------------------------------------------------------------------------
 
