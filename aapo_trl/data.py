@@ -105,6 +105,7 @@ __all__ = [
     "extract_last_boxed",
     "filter_levels",
     "get_dataset_spec",
+    "load_dataset_mixture",
     "load_prompt_dataset",
     "make_arithmetic_dataset",
     "map_rows",
@@ -1083,3 +1084,33 @@ def make_arithmetic_dataset(
             warnings.warn(message, UserWarning, stacklevel=2)
         result[split_name] = Dataset.from_list(rows, features=features)
     return DatasetDict(result)
+
+
+MIXTURE_SEPARATOR = "+"
+MIXTURE_ROW_ID_STRIDE = 10_000_000
+"""Row ids of the k-th dataset of a mixture are ``k * MIXTURE_ROW_ID_STRIDE + row_id``: unique and stable."""
+
+
+def load_dataset_mixture(names: str | Sequence[str], **kwargs: Any):
+    """Several prompt sets concatenated, e.g. ``"dapo-math-17k+math-lighteval"`` (ZAPO trains on both).
+
+    Each part is loaded with :func:`load_prompt_dataset` and the same keyword arguments (its own recipe
+    prompt unless ``system_prompt``/``user_template`` override it); ``row_id`` stays unique and stable
+    across the parts (:data:`MIXTURE_ROW_ID_STRIDE`), which GRESO's per-prompt history relies on. A
+    single name is simply :func:`load_prompt_dataset`.
+    """
+    from datasets import concatenate_datasets
+
+    parts = names.split(MIXTURE_SEPARATOR) if isinstance(names, str) else list(names)
+    parts = [part.strip() for part in parts if part.strip()]
+    if not parts:
+        raise ValueError(f"no dataset name in {names!r}")
+    if len(parts) == 1:
+        return load_prompt_dataset(parts[0], **kwargs)
+    loaded = []
+    for index, part in enumerate(parts):
+        dataset = load_prompt_dataset(part, **kwargs)
+        if len(dataset) >= MIXTURE_ROW_ID_STRIDE:
+            raise ValueError(f"{part} has {len(dataset)} rows, more than a mixture supports ({MIXTURE_ROW_ID_STRIDE})")
+        loaded.append(dataset.map(lambda row, k=index: {"row_id": k * MIXTURE_ROW_ID_STRIDE + row["row_id"]}))
+    return concatenate_datasets(loaded)

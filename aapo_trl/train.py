@@ -22,7 +22,7 @@ import torch
 from trl import ModelConfig, TrlParser, get_peft_config
 
 from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
-from .data import load_prompt_dataset
+from .data import load_dataset_mixture
 from .models import load_model_and_tokenizer, resolve_model_path
 from .rewards import get_reward_funcs
 
@@ -37,7 +37,8 @@ class ScriptArguments:
 
     dataset_name: str = field(
         default="arithmetic",
-        metadata={"help": "A registered dataset name (e.g. knoveleng/open-rs), a local file/folder, or 'arithmetic'."},
+        metadata={"help": "A registered dataset name (e.g. knoveleng/open-rs), a local file/folder, or 'arithmetic'; "
+                  "join several with '+' to train on their concatenation (dapo-math-17k+math-lighteval)."},
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_levels: list[str] | None = field(
@@ -179,7 +180,7 @@ def main(script_args: ScriptArguments, training_args, model_args: ModelConfig, a
             f"reward_weights has {len(training_args.reward_weights)} values but reward_funcs names "
             f"{len(reward_funcs)} functions ({script_args.reward_funcs}); give one weight per function."
         )
-    dataset = load_prompt_dataset(
+    dataset = load_dataset_mixture(
         script_args.dataset_name,
         split=script_args.dataset_split,
         system_prompt=script_args.system_prompt,

@@ -82,3 +82,32 @@ def validate_training_dataset(
                 f"reward function {name!r} reads the column(s) {missing}, which {label} does not have "
                 f"(columns: {columns}). Add the gold answers as a {missing[0]!r} column, or drop {name!r}."
             )
+
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """What must agree for token ids to mean the same thing to two models."""
+    import hashlib
+    import json
+
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+    return {
+        "vocab_size": len(vocab),
+        "vocab_sha256": digest,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+
+
+def validate_tokenizers_match(policy_tokenizer, reference_tokenizer, reference_label: str = "reference model") -> None:
+    """The reference samples from the policy's prompt token ids, so both must tokenize identically."""
+    policy, reference = tokenizer_fingerprint(policy_tokenizer), tokenizer_fingerprint(reference_tokenizer)
+    differing = {key: (policy[key], reference[key]) for key in policy if policy[key] != reference[key]}
+    if differing:
+        details = ", ".join(f"{key}: policy {a!r} vs reference {b!r}" for key, (a, b) in differing.items())
+        raise ValueError(
+            f"the {reference_label}'s tokenizer differs from the policy's ({details}). AAPO feeds the policy's prompt "
+            "token ids to the reference, so both must share one tokenizer: use a reference from the same model family "
+            "(e.g. the policy's base checkpoint)."
+        )

@@ -477,3 +477,14 @@ def test_hub_names_call_load_dataset_with_the_right_arguments(
     assert calls == [(expected_args, expected_kwargs)]
     assert_trl_conversational(ds)
     assert all(ds["solution"])
+
+
+def test_mixture_concatenates_with_unique_stable_row_ids():
+    from aapo_trl.data import MIXTURE_ROW_ID_STRIDE, load_dataset_mixture
+
+    mix = load_dataset_mixture("arithmetic+arithmetic", levels=["add1"], num_test=5, seed=1)
+    single = load_prompt_dataset("arithmetic", levels=["add1"], num_test=5, seed=1)
+    assert len(mix) == 2 * len(single)
+    assert len(set(mix["row_id"])) == len(mix)
+    assert mix["row_id"][len(single):] == [MIXTURE_ROW_ID_STRIDE + r for r in single["row_id"]]
+    assert load_dataset_mixture("arithmetic", levels=["add1"], num_test=5, seed=1)["row_id"] == single["row_id"]
