@@ -16,6 +16,7 @@ import sys
 # Modules that contribute a subcommand (one line each).
 COMMAND_MODULES = [
     "aapo_trl.train",
+    "aapo_trl.hub",
 ]
 
 

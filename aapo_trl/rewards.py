@@ -162,8 +162,21 @@ def _parse_gold(gold: str) -> tuple:
     return ()
 
 
+_ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
+"""DAPO-Math-17k's prompt asks for the final answer on its own line, ``Answer: 42`` (DAPO / verl math_dapo)."""
+
+
 def _parse_answer(text: str) -> list:
-    return parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
+    """Boxed (or anchored LaTeX) answer first; else the last ``Answer: ...`` line, read as a LaTeX answer."""
+    parsed = parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
+    if parsed:
+        return parsed
+    lines = _ANSWER_LINE.findall(text)
+    if not lines:
+        return []
+    answer = lines[-1].strip().strip("$").rstrip(".")
+    return parse(f"\\boxed{{{answer}}}", _ANSWER_CONFIG, extraction_mode="first_match",
+                 parsing_timeout=PARSING_TIMEOUT_S)
 
 
 def _gold_text(solution: Any) -> str | None:

@@ -23,6 +23,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_dataset_mixture
+from .hub import render_recipe
 from .models import load_model_and_tokenizer, resolve_model_path
 from .rewards import get_reward_funcs
 
@@ -98,7 +99,7 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
         defaults["output_dir"] = defaults["output_dir"].format(algorithm=algorithm)
         argv = [item for key, value in defaults.items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
-        argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false"]
+        argv += ["--bf16", "false", "--use_cpu", "true", "--activation_checkpointing", "false"]
     try:
         return parser.parse_args_and_config(argv)
     except ValueError as error:
@@ -171,7 +172,10 @@ def load_policy(model_args: ModelConfig, training_args):
     return str(path), None
 
 
-def main(script_args: ScriptArguments, training_args, model_args: ModelConfig, algorithm: str = "aapo") -> dict:
+def main(
+    script_args: ScriptArguments, training_args, model_args: ModelConfig, algorithm: str = "aapo",
+    recipe_yaml: str | None = None,
+) -> dict:
     """Train, save the model and a metrics summary, and return that summary."""
     started = time.time()
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
@@ -197,13 +201,15 @@ def main(script_args: ScriptArguments, training_args, model_args: ModelConfig, a
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    trainer.recipe_yaml = recipe_yaml  # embedded in the model card
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
     summary = summarize(trainer.state.log_history, algorithm, time.time() - started)
-    if trainer.accelerator.is_main_process:
+    if trainer.accelerator.is_main_process:  # before save_model, which pushes the folder with push_to_hub
         Path(training_args.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(training_args.output_dir) / script_args.metrics_file, "w") as handle:
             json.dump({"summary": summary, "log_history": trainer.state.log_history}, handle, indent=2)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
         print(format_summary(summary))
     return summary
 
@@ -264,8 +270,10 @@ def format_summary(summary: dict) -> str:
 
 def run(algorithm: str, argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=os.environ.get("AAPO_TRL_LOG_LEVEL", "WARNING"))
+    argv = sys.argv[1:] if argv is None else list(argv)
     script_args, training_args, model_args = parse_args(algorithm, argv)
-    return main(script_args, training_args, model_args, algorithm=algorithm)
+    recipe = render_recipe((script_args, training_args, model_args), argv, algorithm)
+    return main(script_args, training_args, model_args, algorithm=algorithm, recipe_yaml=recipe)
 
 
 def register_cli(subparsers) -> None:

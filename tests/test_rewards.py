@@ -342,3 +342,14 @@ def test_final_number_zapo_has_three_levels():
     completions = ["3 + 4 = 7", "3 + 4 = 8", "no idea", "seven"]
     assert reward(completions, solution=["7", "7", "7", "x"]) == [1.0, 0.1, 0.0, None]
     assert reward.__name__ == "final_number_zapo"
+
+
+def test_dapo_answer_line_is_read_when_there_is_no_boxed_answer():
+    from aapo_trl.rewards import REWARD_REGISTRY
+
+    accuracy, zapo = REWARD_REGISTRY["accuracy"], REWARD_REGISTRY["accuracy_zapo"]
+    completions = ["Let me compute.\nAnswer: 42", "So\nAnswer: $\\frac{1}{2}$", "Answer: 41", "no answer here",
+                   "Answer: 7 but \\boxed{42}"]
+    golds = ["42", "0.5", "42", "42", "42"]
+    assert accuracy(completions, solution=golds) == [1.0, 1.0, 0.0, 0.0, 1.0]
+    assert zapo(completions, solution=golds) == [1.0, 1.0, 0.1, 0.0, 1.0]

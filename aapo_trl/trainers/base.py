@@ -31,6 +31,7 @@ from ..advantages import (
 )
 from ..checkpointing import mark_checkpoint_complete, resolve_resume_checkpoint
 from ..configs import CE_LOSS_TYPES
+from ..hub import ModelCardMixin
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
 
@@ -54,7 +55,7 @@ def _ignore_side_channel(*args, **kwargs) -> None:
     return None
 
 
-class AdvantageTrainerMixin:
+class AdvantageTrainerMixin(ModelCardMixin):
     """Mixed in before ``trl.GRPOTrainer``; subclasses implement :meth:`compute_advantages`."""
 
     _last_scored: ScoredBatch | None = None
