@@ -17,6 +17,7 @@ import sys
 COMMAND_MODULES = [
     "aapo_trl.train",
     "aapo_trl.hub",
+    "aapo_trl.ref_rollouts",
 ]
 
 

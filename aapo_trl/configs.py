@@ -136,6 +136,31 @@ class AAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
             Also sample reference rollouts during evaluation. Off by default: evaluation losses then use the
             GRPO advantage without margin.
 
+        > Parameters that control where the reference samples come from
+
+        reference_source (`str`, *optional*, defaults to `"model"`):
+            `"model"`: transformers `generate` on a frozen copy of the initial policy (with PEFT: the base model,
+            adapters off). `"vllm_server"`: a second vLLM server that serves the reference weights
+            (`trl vllm-serve --model BASE --port 8001`); it never receives weight updates unless `ref_update_steps`
+            pushes the policy into it. `"vllm_colocate"`: the policy's colocated vLLM engine (`use_vllm=True,
+            vllm_mode="colocate"`) with the reference weights loaded into it for reference generation; the policy
+            weights are pushed back before the next policy generation. `"cache"`: the `ref_rewards` column written
+            by `aapo-trl ref-rollouts` (see `ref_rollouts_path`).
+        reference_vllm_server_base_url (`str`, *optional*):
+            Base URL of the reference vLLM server (e.g. `"http://localhost:8001"`); overrides host and port.
+        reference_vllm_server_host (`str`, *optional*):
+            Host of the reference vLLM server (used with `reference_vllm_server_port`).
+        reference_vllm_server_port (`int`, *optional*, defaults to `8001`):
+            Port of the reference vLLM server.
+        reference_vllm_group_port (`int`, *optional*, defaults to `51217`):
+            Port of the NCCL group that pushes the policy into the reference server (`ref_update_steps` only).
+        reference_vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Seconds to wait for the reference server to come up.
+        ref_rollouts_path (`str`, *optional*):
+            Output folder of `aapo-trl ref-rollouts`. With `reference_source="cache"`, its `ref_rewards` column is
+            attached to the training (and evaluation) rows with the same prompt. Not needed when the training
+            dataset already has a `ref_rewards` column.
+
         > Parameters that control the loss
 
         loss_type (`str`, *optional*, defaults to `"aapo"`):
@@ -179,9 +204,119 @@ class AAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
         metadata={"help": "Also sample reference rollouts in evaluation (off: eval uses the GRPO advantage)."},
     )
 
+    REFERENCE_SOURCES = ("model", "vllm_server", "vllm_colocate", "cache")  # not a field: no annotation
+    reference_source: str = field(
+        default="model",
+        metadata={
+            "help": "Where AAPO's reference samples come from. 'model': transformers generate on the frozen initial "
+            "policy (PEFT: the base with adapters off). 'vllm_server': a second vLLM server serving the reference "
+            "weights (trl vllm-serve --model BASE --port 8001), never updated unless ref_update_steps. "
+            "'vllm_colocate': the policy's colocated vLLM engine with the reference weights swapped in (needs "
+            "use_vllm=True, vllm_mode='colocate'). 'cache': the ref_rewards column written by aapo-trl ref-rollouts.",
+            "choices": list(REFERENCE_SOURCES),
+        },
+    )
+    reference_vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of the reference vLLM server (e.g. http://localhost:8001) for reference_source="
+            "'vllm_server'; overrides reference_vllm_server_host/port."
+        },
+    )
+    reference_vllm_server_host: str | None = field(
+        default=None,
+        metadata={"help": "Host of the reference vLLM server (reference_source='vllm_server'), with its port."},
+    )
+    reference_vllm_server_port: int = field(
+        default=8001, metadata={"help": "Port of the reference vLLM server (reference_source='vllm_server')."}
+    )
+    reference_vllm_group_port: int = field(
+        default=51217,
+        metadata={
+            "help": "Port of the NCCL group that pushes the policy weights into the reference server; only used "
+            "with ref_update_steps (the policy's server uses vllm_group_port)."
+        },
+    )
+    reference_vllm_server_timeout: float = field(
+        default=240.0, metadata={"help": "Seconds to wait for the reference vLLM server to be up."}
+    )
+    ref_rollouts_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output of aapo-trl ref-rollouts (reference_source='cache'): its ref_rewards column is attached to "
+            "the training rows with the same prompt. Not needed when the dataset already has a ref_rewards column."
+        },
+    )
+
+    @property
+    def reference_server_url(self) -> str | None:
+        """The reference vLLM server's base URL, from ``reference_vllm_server_base_url`` or host and port."""
+        if self.reference_vllm_server_base_url:
+            return self.reference_vllm_server_base_url.rstrip("/")
+        if self.reference_vllm_server_host:
+            return f"http://{self.reference_vllm_server_host}:{self.reference_vllm_server_port}"
+        return None
+
+    def _validate_reference_source(self) -> None:
+        """Fail at configuration time on reference settings that cannot work together."""
+        from urllib.parse import urlparse
+
+        source, url = self.reference_source, self.reference_server_url
+        if source not in self.REFERENCE_SOURCES:
+            raise ValueError(f"reference_source must be one of {self.REFERENCE_SOURCES}, got {source!r}")
+        if source != "vllm_server" and url is not None:
+            raise ValueError(
+                f"A reference vLLM server is configured ({url}) but reference_source={source!r}: set "
+                "reference_source='vllm_server' to sample the reference there, or drop reference_vllm_server_*."
+            )
+        if source != "cache" and self.ref_rollouts_path is not None:
+            raise ValueError(
+                f"ref_rollouts_path is set but reference_source={source!r}: set reference_source='cache' to train on "
+                "the precomputed reference rewards, or drop ref_rollouts_path."
+            )
+        if source == "vllm_server":
+            if url is None:
+                raise ValueError(
+                    "reference_source='vllm_server' needs the reference server's address: set "
+                    "reference_vllm_server_base_url (e.g. http://localhost:8001) or reference_vllm_server_host and "
+                    "reference_vllm_server_port, after starting it with `trl vllm-serve --model <BASE> --port 8001`."
+                )
+            if self.use_vllm and self.vllm_mode == "server":
+                policy_url = self.vllm_server_base_url or f"http://{self.vllm_server_host}:{self.vllm_server_port}"
+
+                def where(address):
+                    parsed = urlparse(address)
+                    local = parsed.hostname in ("localhost", "127.0.0.1", "0.0.0.0", "::1")
+                    return ("localhost" if local else parsed.hostname, parsed.port, parsed.path.rstrip("/"))
+
+                if where(policy_url) == where(url):
+                    raise ValueError(
+                        f"The reference server ({url}) is the policy's vLLM server ({policy_url}): it holds the "
+                        "policy's weights, so the margin would compare the policy with itself. Serve the reference "
+                        "model on a second server (another port) and point reference_vllm_server_base_url at it."
+                    )
+                if self.ref_update_steps is not None and self.reference_vllm_group_port == self.vllm_group_port:
+                    raise ValueError(
+                        f"reference_vllm_group_port and vllm_group_port are both {self.vllm_group_port}: the policy "
+                        "and reference weight-transfer groups need different ports."
+                    )
+        if source == "vllm_colocate" and not (self.use_vllm and self.vllm_mode == "colocate"):
+            raise ValueError(
+                "reference_source='vllm_colocate' swaps the reference weights into the policy's colocated vLLM "
+                f"engine, so it needs use_vllm=True and vllm_mode='colocate' (got use_vllm={self.use_vllm}, "
+                f"vllm_mode={self.vllm_mode!r}). With a vLLM server for the policy, use reference_source="
+                "'vllm_server' and a second server for the reference."
+            )
+        if source == "cache" and self.ref_update_steps is not None:
+            raise ValueError(
+                "ref_update_steps cannot be used with reference_source='cache': the cache holds rewards of the initial "
+                "reference model, sampled once; a reference that follows the policy must be sampled online."
+            )
+
     def __post_init__(self):
         super().__post_init__()
         _validate_common(self)
+        self._validate_reference_source()
         if self.margin_pairing not in PAIRINGS:
             raise ValueError(f"margin_pairing must be one of {PAIRINGS}, got {self.margin_pairing!r}")
         if self.margin_clip and self.margin_clip_low > self.margin_clip_high:

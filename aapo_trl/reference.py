@@ -1,19 +1,32 @@
 """Where AAPO's reference rollouts come from, and how they are sampled.
 
 The reference must sample from the **reference weights** (the authors' public code sampled the policy
-or took the prompt tokens as "completions"; ALGORITHMS.md section 2). Two sources live here:
+or took the prompt tokens as "completions"; ALGORITHMS.md section 2). ``AAPOConfig.reference_source``
+picks one of these sources, each with ``sample(trainer, prompt_ids, num_generations)`` returning one
+completion (token ids) per prompt row:
 
-* :class:`FrozenCopyReference`: a deep copy of the initial policy (or TRL's own ``ref_model`` when a
-  KL term already made one), frozen unless ``ref_update_steps`` copies the policy into it.
-* :class:`PeftBaseReference`: the policy itself with its LoRA adapters switched off, which *is* the
-  initial policy when only adapters are trained.
+* ``"model"``: :class:`FrozenCopyReference` (a deep copy of the initial policy, or TRL's own
+  ``ref_model`` when a KL term already made one) or :class:`PeftBaseReference` (the policy with its
+  LoRA adapters switched off, which *is* the initial policy when only adapters train), sampled with
+  transformers ``generate``.
+* ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
+  checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
+  never receives weights, except the policy's at ``ref_update_steps`` boundaries.
+* ``"vllm_colocate"``: :class:`ColocatedVLLMReference`, the policy's colocated vLLM engine: the
+  reference weights (a frozen copy kept on the CPU, or the PEFT base weights, unmerged) are loaded
+  into it, the reference samples are drawn, and TRL's ``_last_loaded_step`` is reset so that the
+  next policy generation pushes the policy weights back.
+* ``"cache"``: :class:`aapo_trl.ref_rollouts.CachedReference`, rewards precomputed by
+  ``aapo-trl ref-rollouts`` (nothing is sampled during training).
 
-Both sample with the policy's sampling settings (``GRPOTrainer.generation_config``).
+Every sampler uses the policy's sampling settings (TRL's ``generation_config`` or its vLLM settings).
+Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGeneration``/``VLLMClient``.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -21,6 +34,8 @@ from accelerate.utils import is_peft_model
 from transformers import GenerationConfig, PreTrainedModel
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import pad, use_adapter
+
+logger = logging.getLogger(__name__)
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
@@ -48,6 +63,11 @@ def _unwrapped_for_generation(trainer, model):
     )
 
 
+def _fingerprint(parameters) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.stack([p.detach().float().double().sum().cpu() for p in parameters])
+
+
 class FrozenCopyReference:
     """The reference is a separate model: a frozen copy of the initial policy."""
 
@@ -61,6 +81,18 @@ class FrozenCopyReference:
         with _unwrapped_for_generation(trainer, self.model) as unwrapped:
             yield unwrapped
 
+    def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        return sample_reference_completions(trainer, self, prompt_ids)
+
+    def named_weights(self, trainer):
+        """``(name, tensor)`` in the checkpoint's naming (what vLLM's ``load_weights`` expects)."""
+        from trl.distributed import DistributedBackend
+
+        dist = DistributedBackend(trainer.accelerator)
+        for name, param in trainer.accelerator.unwrap_model(self.model).named_parameters():
+            with dist.gather_params([param]):
+                yield name.replace("_checkpoint_wrapped_module.", ""), param.data
+
     def load_policy_weights(self, trainer) -> None:
         """``ref_update_steps``: copy the current policy weights into the reference."""
         policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -70,8 +102,7 @@ class FrozenCopyReference:
 
     def parameters_fingerprint(self) -> torch.Tensor:
         """A cheap summary of the weights, used by tests and logs to show the reference did not move."""
-        with torch.no_grad():
-            return torch.stack([p.detach().float().double().sum() for p in self.model.parameters()])
+        return _fingerprint(self.model.parameters())
 
 
 class PeftBaseReference:
@@ -87,6 +118,33 @@ class PeftBaseReference:
             with use_adapter(unwrapped, adapter_name=adapter):
                 yield unwrapped
 
+    def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        return sample_reference_completions(trainer, self, prompt_ids)
+
+    def named_weights(self, trainer):
+        """The base weights of the PEFT policy, adapters *not* merged, under the checkpoint's names.
+
+        The mirror image of TRL's ``VLLMGeneration._iter_named_params``, which merges the adapters to
+        push the policy: here the LoRA tensors are skipped and, for ``modules_to_save``, the original
+        module is kept and the trained copy dropped.
+        """
+        from trl.distributed import DistributedBackend
+
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if "ref" in model.peft_config:
+            raise NotImplementedError(
+                "The PEFT model carries a 'ref' adapter (an initial adapter being re-trained), so the reference is "
+                "base + that adapter, which cannot be swapped into vLLM unmerged. Use reference_source='model', or "
+                "serve the merged initial model with reference_source='vllm_server'."
+            )
+        dist = DistributedBackend(trainer.accelerator)
+        for name, param in model.named_parameters():
+            if model.prefix in name or "modules_to_save" in name:
+                continue
+            name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("original_module.", "")
+            with dist.gather_params([param]):
+                yield name.replace("_checkpoint_wrapped_module.", ""), param.data
+
     def load_policy_weights(self, trainer) -> None:
         raise ValueError(
             "ref_update_steps is not supported with PEFT: the reference is the adapter-free base model, which "
@@ -94,13 +152,197 @@ class PeftBaseReference:
         )
 
 
-def make_reference(trainer) -> FrozenCopyReference | PeftBaseReference:
-    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) GRPOTrainer."""
+def _reference_server_generation_class():
+    """TRL's ``VLLMGeneration`` subclass for the reference server, built on first use (TRL imports vLLM lazily)."""
+    from trl.generation.vllm_client import VLLMClient
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    class ReferenceServerGeneration(VLLMGeneration):
+        """TRL's vLLM server generation, pointed at the *reference* server.
+
+        Generation (gathering the prompts, one request with ``n = num_generations`` per unique prompt,
+        broadcasting and slicing the answers) is TRL's own ``VLLMGeneration.generate``. The only change is
+        that the weight-transfer group is *not* opened at start-up: a frozen reference never receives
+        weights. It is opened on the first :meth:`sync_weights`, which only ``ref_update_steps`` calls.
+        """
+
+        def _init_vllm(self):
+            if self.mode != "server":  # pragma: no cover - only built in server mode
+                raise ValueError("the reference server generation only runs in server mode")
+            self.weight_transfer_ready = False
+            if self.accelerator.is_main_process:
+                try:
+                    self.vllm_client = VLLMClient(
+                        base_url=self.server_base_url,
+                        group_port=self.group_port,
+                        connection_timeout=self.server_timeout,
+                    )
+                except ImportError as error:
+                    raise ImportError(
+                        "reference_source='vllm_server' talks to the reference server through TRL's VLLMClient, which "
+                        "needs vLLM installed in the training environment: pip install 'aapo-trl[vllm]'."
+                    ) from error
+            self.accelerator.wait_for_everyone()
+
+        def sync_weights(self):
+            if not self.weight_transfer_ready:
+                if self.accelerator.is_main_process:
+                    self.vllm_client.init_communicator(device=self.accelerator.device)
+                self.weight_transfer_ready = True
+            super().sync_weights()
+
+    return ReferenceServerGeneration
+
+
+class VLLMServerReference:
+    """The reference is a second vLLM server, started on the reference checkpoint.
+
+    Start it next to the policy's server, e.g. on GPU 1 while the policy's ``trl vllm-serve`` uses GPU 0::
+
+        CUDA_VISIBLE_DEVICES=1 trl vllm-serve --model BASE --port 8001
+
+    (``BASE``: the initial policy; with PEFT, the base model the adapters sit on). The trainer only
+    asks it for completions; with ``ref_update_steps`` it also pushes the policy weights into it, through
+    its own weight-transfer group (``reference_vllm_group_port``), at those steps only.
+    """
+
+    kind = "vllm_server"
+
+    def __init__(self, trainer):
+        args = trainer.args
+        self.base_url = args.reference_server_url
+        generation_class = _reference_server_generation_class()
+        self.generation = generation_class(
+            model=trainer.model,  # only read by ref_update_steps pushes: the current policy
+            accelerator=trainer.accelerator,
+            processing_class=trainer.processing_class,
+            mode="server",
+            server_base_url=self.base_url,
+            group_port=args.reference_vllm_group_port,
+            server_timeout=args.reference_vllm_server_timeout,
+            repetition_penalty=trainer.repetition_penalty,
+            temperature=trainer.temperature,
+            top_p=trainer.top_p,
+            top_k=trainer.top_k,
+            min_p=trainer.min_p,
+            max_completion_length=trainer.max_completion_length,
+            logprobs=None,  # the reference only needs its tokens
+            generation_kwargs=args.generation_kwargs,
+        )
+        self.weight_updates = 0
+        self._check_served_model(trainer)
+
+    def _check_served_model(self, trainer) -> None:
+        client = getattr(self.generation, "vllm_client", None)
+        policy_name = getattr(getattr(trainer.model, "config", None), "_name_or_path", None)
+        served = getattr(client, "model", None)
+        if client is not None and policy_name and served and str(served) != str(policy_name):
+            logger.warning(
+                "The reference vLLM server at %s serves %r but the policy was initialised from %r; AAPO's reference "
+                "must be the initial policy (with PEFT: its base model).", self.base_url, served, policy_name
+            )
+
+    def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        _, completion_ids, _, _ = self.generation.generate(
+            prompts=prompt_ids, images=None, num_generations=num_generations
+        )
+        return [list(ids) for ids in completion_ids]
+
+    def load_policy_weights(self, trainer) -> None:
+        """``ref_update_steps``: push the current policy weights into the reference server."""
+        if is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
+            PeftBaseReference().load_policy_weights(trainer)  # raises the explanatory error
+        self.generation.model = trainer.model
+        self.generation.sync_weights()
+        self.weight_updates += 1
+
+
+def _colocated_load_weights(vllm_generation, named_weights) -> None:
+    """Load ``(name, tensor)`` pairs into the colocated engine, the way TRL's ``sync_weights`` does."""
+    model = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+    for name, tensor in named_weights:
+        model.load_weights([(name, tensor)])
+
+
+class ColocatedVLLMReference:
+    """The reference samples on the policy's colocated vLLM engine, with the reference weights swapped in.
+
+    ``sample`` loads the reference weights into the engine (waking it first in sleep mode), resets the
+    prefix cache (its KV blocks were computed with the policy's weights), generates with TRL's
+    ``VLLMGeneration.generate`` and finally sets ``trainer._last_loaded_step = -1``: TRL's next policy
+    generation sees a step it has not loaded and pushes the policy weights back (``sync_weights``).
+    Each generation batch therefore costs two weight loads into the engine.
+
+    The reference weights are a frozen copy kept on the CPU (no accelerator memory), or, with PEFT,
+    the policy's base weights with the adapters left unmerged.
+    """
+
+    kind = "vllm_colocate"
+
+    def __init__(self, weights: FrozenCopyReference | PeftBaseReference):
+        self.weights = weights
+        self.weight_loads = 0
+
+    @property
+    def model(self):
+        return getattr(self.weights, "model", None)
+
+    def parameters_fingerprint(self) -> torch.Tensor:
+        return self.weights.parameters_fingerprint()
+
+    def load_policy_weights(self, trainer) -> None:
+        self.weights.load_policy_weights(trainer)
+
+    def load_into_engine(self, trainer) -> None:
+        vllm_generation = trainer.vllm_generation
+        if vllm_generation.enable_sleep_mode:
+            from trl.generation.vllm_generation import empty_cache
+
+            empty_cache()
+            vllm_generation.llm.wake_up(tags=["weights"])
+            # TRL re-pushes the *policy* when it finds the weights asleep; they are awake, with the reference's
+            vllm_generation._llm_weights_sleeping = False
+        _colocated_load_weights(vllm_generation, self.weights.named_weights(trainer))
+        vllm_generation.llm.reset_prefix_cache()
+        self.weight_loads += 1
+
+    def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        try:
+            self.load_into_engine(trainer)
+            _, completion_ids, _, _ = trainer.vllm_generation.generate(
+                prompts=prompt_ids, images=None, num_generations=num_generations
+            )
+        finally:
+            # The engine holds (some of) the reference weights: the next policy generation must reload the policy.
+            trainer._last_loaded_step = -1
+        return [list(ids) for ids in completion_ids]
+
+
+def make_reference(trainer):
+    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer."""
+    source = getattr(trainer.args, "reference_source", "model")
+    if source == "cache":
+        from .ref_rollouts import CachedReference
+
+        return CachedReference()
+    if source == "vllm_server":
+        return VLLMServerReference(trainer)
     if is_peft_model(trainer.model):
-        return PeftBaseReference()
-    if getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds a frozen initial policy
-        return FrozenCopyReference(trainer.ref_model)
-    return FrozenCopyReference(frozen_copy(trainer.model))
+        weights = PeftBaseReference()
+    elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds a frozen initial policy
+        weights = FrozenCopyReference(trainer.ref_model)
+    elif source == "vllm_colocate":  # only its weights are read: keep it off the accelerator
+        weights = FrozenCopyReference(frozen_copy(trainer.model).to("cpu"))
+    else:
+        weights = FrozenCopyReference(frozen_copy(trainer.model))
+    if source == "vllm_colocate":
+        if getattr(getattr(trainer, "_dist", None), "is_fsdp", False):
+            raise NotImplementedError(
+                "reference_source='vllm_colocate' is not supported with FSDP; use reference_source='vllm_server' or "
+                "'model'."
+            )
+        return ColocatedVLLMReference(weights)
+    return weights
 
 
 def sampling_generation_config(trainer) -> GenerationConfig:
@@ -150,3 +392,16 @@ def sample_reference_completions(trainer, reference, prompt_ids: list[list[int]]
             input_ids=input_ids, attention_mask=attention_mask, generation_config=sampling_generation_config(trainer)
         )
     return truncate_after_eos(generated[:, input_ids.size(1) :], trainer.eos_token_ids)
+
+
+__all__ = [
+    "ColocatedVLLMReference",
+    "FrozenCopyReference",
+    "PeftBaseReference",
+    "VLLMServerReference",
+    "frozen_copy",
+    "make_reference",
+    "sample_reference_completions",
+    "sampling_generation_config",
+    "truncate_after_eos",
+]

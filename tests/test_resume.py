@@ -41,11 +41,11 @@ def checkpoint_state(checkpoint: Path) -> dict:
         "rng": torch.load(checkpoint / "rng_state.pth", weights_only=False),  # the Trainer's own file (numpy state)
         "trainer_state": json.loads((checkpoint / "trainer_state.json").read_text())["global_step"],
     }
-    for extra in ("greso_state.json", "reference_state.json"):
+    for extra in ("greso_state.json", "aapo_reference_state.json"):
         if (checkpoint / extra).exists():
             state[extra] = json.loads((checkpoint / extra).read_text())
-    if (checkpoint / "reference_model.safetensors").exists():
-        state["reference"] = load_file(checkpoint / "reference_model.safetensors")
+    if (checkpoint / "aapo_reference.safetensors").exists():
+        state["reference"] = load_file(checkpoint / "aapo_reference.safetensors")
     return state
 
 
@@ -88,8 +88,10 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_an_uninterrupted_run(tin
     for step in ("3", "4", "5", "6"):
         assert losses_b[step] == pytest.approx(losses_a[step], abs=1e-6), f"loss at step {step}"
     for step in (4, 6):
-        assert_same(checkpoint_state(tmp_path / "a" / f"checkpoint-{step}"),
-                    checkpoint_state(tmp_path / "b" / f"checkpoint-{step}"), f"checkpoint-{step}")
+        resumed = checkpoint_state(tmp_path / "b" / f"checkpoint-{step}")
+        assert_same(checkpoint_state(tmp_path / "a" / f"checkpoint-{step}"), resumed, f"checkpoint-{step}")
+        # what must survive the kill: the reference updated at step 3 (ref_update_steps), GRESO's state
+        assert ("reference" in resumed) is (name == "aapo") and ("greso_state.json" in resumed) is (name != "aapo")
 
 
 _paused_lines: dict[int, str] = {}

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
+import os
+
 import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
@@ -10,8 +16,14 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
-from ..reference import PeftBaseReference, make_reference, sample_reference_completions
+from ..reference import PeftBaseReference, make_reference
 from .base import AdvantageTrainerMixin, ScoredBatch
+
+_GRPO_PARAMETERS = list(inspect.signature(GRPOTrainer.__init__).parameters)[1:]  # model, reward_funcs, args, ...
+REFERENCE_STATE_FILENAME = "aapo_reference_state.json"
+REFERENCE_WEIGHTS_FILENAME = "aapo_reference.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 class ReferenceUpdateCallback(TrainerCallback):
@@ -27,13 +39,29 @@ class ReferenceUpdateCallback(TrainerCallback):
             self.trainer.reference_updated_at_step = state.global_step
 
 
+class _PushPolicyToReferenceServer(TrainerCallback):
+    """On resume at a reference-update step: the reference server gets the resumed policy (= the reference then)."""
+
+    def __init__(self, trainer: "AAPOTrainer"):
+        self.trainer = trainer
+        self.done = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not self.done:
+            self.trainer.reference.load_policy_weights(self.trainer)
+            self.done = True
+
+
 class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     """``trl.GRPOTrainer`` with AAPO's augmented advantage ``A_i + clip(r_i - r_ref_i, -0.2, 0.28)``.
 
     For every prompt row the reference model samples one response with the policy's sampling settings;
     the same reward functions and weights score it. Takes the same arguments as ``GRPOTrainer``;
     ``reward_funcs`` may also name functions of :mod:`aapo_trl.rewards` (``"format"``, ``"cosine"``...).
-    The reference is a frozen deep copy of the initial policy, or the PEFT base with adapters disabled.
+    ``args.reference_source`` says where the reference samples come from (:mod:`aapo_trl.reference`):
+    a frozen deep copy of the initial policy or the PEFT base with adapters disabled (``"model"``), a
+    second vLLM server (``"vllm_server"``), the policy's colocated vLLM engine with the reference weights
+    swapped in (``"vllm_colocate"``), or rewards precomputed by ``aapo-trl ref-rollouts`` (``"cache"``).
     """
 
     _tag_names = ["trl", "grpo", "aapo"]
@@ -44,20 +72,77 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             args = AAPOConfig(output_dir="aapo-output")
         if not isinstance(args, AAPOConfig):
             raise TypeError(f"AAPOTrainer needs an AAPOConfig, got {type(args).__name__}")
+        if args.reference_source == "cache" and args.ref_rollouts_path is not None:
+            more_args, kwargs = _with_ref_rollouts(args, more_args, kwargs)
+        if args.ref_update_steps is not None and _is_peft_run(model, more_args, kwargs):
+            PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
         self.reference = make_reference(self)
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
-            if isinstance(self.reference, PeftBaseReference):
-                self.reference.load_policy_weights(self)  # raises the explanatory error before any compute
+            if is_peft_model(self.model):
+                self.reference.load_policy_weights(self)  # pragma: no cover - caught above
             self.add_callback(ReferenceUpdateCallback(self, args.ref_update_steps))
         self._last_reference: dict | None = None
+
+    # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
+
+    def _save_extra_state(self, checkpoint: str) -> None:
+        super()._save_extra_state(checkpoint)
+        if self.args.ref_update_steps is None or not self.args.should_save:
+            return
+        from ..checkpointing import atomic_write_json
+
+        state = {"updated_at_step": self.reference_updated_at_step, "source": self.reference.kind, "weights": None}
+        weights_model = getattr(self.reference, "model", None)
+        if self.reference_updated_at_step > 0 and weights_model is not None:
+            from safetensors.torch import save_model
+
+            path = os.path.join(checkpoint, REFERENCE_WEIGHTS_FILENAME)
+            save_model(self.accelerator.unwrap_model(weights_model), path)
+            state["weights"] = REFERENCE_WEIGHTS_FILENAME
+        atomic_write_json(os.path.join(checkpoint, REFERENCE_STATE_FILENAME), state)
+
+    def _load_extra_state(self, checkpoint: str) -> None:
+        super()._load_extra_state(checkpoint)
+        if self.args.ref_update_steps is None:
+            return
+        path = os.path.join(checkpoint, REFERENCE_STATE_FILENAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"ref_update_steps is set but the checkpoint {checkpoint!r} holds no {REFERENCE_STATE_FILENAME}, so "
+                "the updated reference cannot be restored (it would silently restart from the initial policy). Resume "
+                "from a checkpoint saved by an AAPO run with ref_update_steps, or start a new run."
+            )
+        with open(path) as handle:
+            state = json.load(handle)
+        self.reference_updated_at_step = state["updated_at_step"]
+        if self.reference_updated_at_step == 0:
+            return  # still the initial policy
+        weights_model = getattr(self.reference, "model", None)
+        if state.get("weights") and weights_model is not None:
+            from safetensors.torch import load_model
+
+            load_model(self.accelerator.unwrap_model(weights_model), os.path.join(checkpoint, state["weights"]))
+            return
+        with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
+            checkpoint_step = json.load(handle)["global_step"]
+        if checkpoint_step == self.reference_updated_at_step:  # the reference is this checkpoint's policy
+            self.add_callback(_PushPolicyToReferenceServer(self))
+        else:
+            logger.warning(
+                "Resuming at step %d, but the reference server was last updated at step %d with weights this "
+                "checkpoint does not hold; it keeps whatever it serves until the next update (step %d). Save "
+                "checkpoints at multiples of ref_update_steps for an exact resume.", checkpoint_step,
+                self.reference_updated_at_step,
+                (checkpoint_step // self.args.ref_update_steps + 1) * self.args.ref_update_steps,
+            )
 
     def compute_advantages(self, rewards, scored: ScoredBatch, output, num_generations, mode):
         if mode == "eval" and not self.args.eval_reference_rollouts:
             return group_relative_advantages(rewards, num_generations, scale=self.scale_rewards)
-        ref_rewards = self._reference_rewards(scored, output, mode)
+        ref_rewards = self._reference_rewards(scored, output, num_generations, mode)
         args = self.args
         advantages = aapo_advantages(
             rewards,
@@ -77,11 +162,15 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         metrics["aapo/ref_reward_mean"].append(torch.nanmean(ref_rewards).item())
         return advantages
 
-    def _reference_rewards(self, scored: ScoredBatch, output, mode) -> torch.Tensor:
-        """Sample one reference completion per local row, score it, and gather over processes."""
+    def _reference_rewards(self, scored: ScoredBatch, output, num_generations: int, mode: str) -> torch.Tensor:
+        """The reference reward of every row of the global batch, paired with the policy's rows by position."""
+        if self.reference.kind == "cache":
+            return self._cached_reference_rewards(scored, num_generations, mode)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
         with profiling_context(self, "reference_generate"):
-            ref_ids = sample_reference_completions(self, self.reference, prompt_ids)
+            ref_ids = self.reference.sample(self, prompt_ids, num_generations)
+        if len(ref_ids) != len(prompt_ids):  # pragma: no cover - a sampler bug
+            raise RuntimeError(f"the reference returned {len(ref_ids)} completions for {len(prompt_ids)} rows")
         texts = self.processing_class.batch_decode(ref_ids, skip_special_tokens=True)
         if is_conversational({"prompt": scored.prompts[0]}):
             ref_completions = [[{"role": "assistant", "content": text}] for text in texts]
@@ -89,10 +178,62 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             ref_completions = texts
         with self._muted_reward_side_channels():
             ref_per_func = self._calculate_rewards(scored.inputs, scored.prompts, ref_completions, ref_ids)
+        # the policy's rule for empty (and, by default, truncated) completions applies to the reference too
+        unscorable = self._unscorable_completions(ref_ids).to(ref_per_func.device)
+        ref_per_func = ref_per_func.masked_fill(unscorable.unsqueeze(1), float("nan"))
         self._log_mean_rewards_per_func("rewards_ref", ref_per_func, mode)
         lengths = torch.tensor([float(len(ids)) for ids in ref_ids], device=self.accelerator.device)
         self._metrics[mode]["aapo/ref_completion_mean_length"].append(
             self.accelerator.gather(lengths).mean().item()
         )
-        self._last_reference = {"completion_ids": ref_ids, "completions": ref_completions, "rewards_per_func": ref_per_func}
-        return combine_reward_functions(ref_per_func, self.reward_weights)
+        ref_rewards = combine_reward_functions(ref_per_func, self.reward_weights)
+        self._last_reference = {
+            "source": self.reference.kind,
+            "completion_ids": ref_ids,
+            "completions": ref_completions,
+            "rewards_per_func": ref_per_func,
+            "rewards": ref_rewards,
+        }
+        return ref_rewards
+
+    def _cached_reference_rewards(self, scored: ScoredBatch, num_generations: int, mode: str) -> torch.Tensor:
+        """``reference_source="cache"``: the ``ref_rewards`` column of the batch rows (aapo_trl.ref_rollouts)."""
+        with profiling_context(self, "reference_rewards"):
+            cached = self.reference.rewards(self, scored.inputs, num_generations, mode)
+        if cached["rewards_per_func"] is not None:
+            self._log_mean_rewards_per_func("rewards_ref", cached["rewards_per_func"], mode)
+        if cached["lengths"] is not None:
+            self._metrics[mode]["aapo/ref_completion_mean_length"].append(cached["lengths"].mean().item())
+        self._last_reference = {"source": "cache", "completion_ids": [], "completions": [], **cached}
+        return cached["rewards"]
+
+
+def _with_ref_rollouts(args: AAPOConfig, more_args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Attach the cache at ``args.ref_rollouts_path`` to the train (and eval) dataset, positional or keyword."""
+    from ..ref_rollouts import attach_ref_rollouts, load_ref_rollouts
+
+    cache = load_ref_rollouts(args.ref_rollouts_path)
+    more_args, kwargs = list(more_args), dict(kwargs)
+    targets = [("train_dataset", True), ("eval_dataset", args.eval_reference_rollouts)]
+    for name, needed in targets:
+        position = _GRPO_PARAMETERS.index(name) - 3  # after model, reward_funcs, args
+        if position < len(more_args):
+            dataset, put = more_args[position], lambda value, p=position: more_args.__setitem__(p, value)
+        else:
+            dataset, put = kwargs.get(name), lambda value, n=name: kwargs.__setitem__(n, value)
+        if dataset is None or not needed:
+            continue
+        if isinstance(dataset, dict):  # several eval sets
+            put({key: attach_ref_rollouts(value, cache, f"{name}[{key!r}]") for key, value in dataset.items()})
+        else:
+            put(attach_ref_rollouts(dataset, cache, name))
+    return tuple(more_args), kwargs
+
+
+def _is_peft_run(model, more_args: tuple, kwargs: dict) -> bool:
+    """Whether the policy will be a PEFT model (a PeftModel, or a peft_config given to the trainer)."""
+    if isinstance(model, torch.nn.Module) and is_peft_model(model):
+        return True
+    position = _GRPO_PARAMETERS.index("peft_config") - 3
+    peft_config = more_args[position] if position < len(more_args) else kwargs.get("peft_config")
+    return peft_config is not None
