@@ -215,3 +215,29 @@ def test_ce_loss_rejects_a_kl_term(tmp_path):
         aapo_config(tmp_path, margin_clip_low=0.5, margin_clip_high=0.1)
     config = aapo_config(tmp_path, beta=0.04, loss_type="grpo")  # a TRL loss may carry a KL penalty
     assert config.loss_type == "grpo"
+
+
+def test_explicit_reference_model_is_sampled_and_must_share_the_tokenizer(tiny_model_path, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    other = AutoTokenizer.from_pretrained(tiny_model_path)
+    other.add_tokens(["<extra-token>"])
+    with pytest.raises(ValueError, match="tokenizer differs from the policy's"):
+        AAPOTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], args=aapo_config(tmp_path),
+                    train_dataset=prompt_dataset(), reference_model=str(tiny_model_path),
+                    reference_processing_class=other)
+
+    sft = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    perturb_(sft)
+    sft.save_pretrained(tmp_path / "sft")
+    tokenizer.save_pretrained(tmp_path / "sft")
+    dataset = prompt_dataset()
+    config = aapo_config(tmp_path / "run", max_steps=1, generation_kwargs=GREEDY, learning_rate=0.0)
+    trainer = AAPOTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], args=config, train_dataset=dataset,
+                          reference_model=str(tmp_path / "sft"))
+    recorder = Recorder(trainer)
+    trainer.train()
+    prompts = [row["prompt"] for row in dataset]
+    sft_answers = {tuple(a) for a in greedy_completions(sft.eval(), tokenizer, prompts, max_new_tokens=6)}
+    batch = recorder.batches[0]
+    assert {tuple(ids) for ids in batch["ref_completion_ids"]} <= sft_answers
+    assert {tuple(ids) for ids in batch["completion_ids"]} != {tuple(ids) for ids in batch["ref_completion_ids"]}

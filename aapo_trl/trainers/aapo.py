@@ -16,7 +16,8 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
-from ..reference import PeftBaseReference, make_reference
+from ..reference import FrozenCopyReference, PeftBaseReference, make_reference
+from ..validation import validate_tokenizers_match
 from .base import AdvantageTrainerMixin, ScoredBatch
 
 _GRPO_PARAMETERS = list(inspect.signature(GRPOTrainer.__init__).parameters)[1:]  # model, reward_funcs, args, ...
@@ -67,18 +68,40 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     _tag_names = ["trl", "grpo", "aapo"]
     _name = "AAPO"
 
-    def __init__(self, model, reward_funcs=None, args: AAPOConfig | None = None, *more_args, **kwargs):
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: AAPOConfig | None = None,
+        *more_args,
+        reference_model=None,
+        reference_processing_class=None,
+        **kwargs,
+    ):
+        """``reference_model`` (a model or a path; optional): a frozen reference other than the initial policy,
+        e.g. the SFT checkpoint the policy started from. It must share the policy's tokenizer (checked
+        before anything is loaded); ``reference_processing_class`` is its tokenizer when it is a model."""
         if args is None:
             args = AAPOConfig(output_dir="aapo-output")
         if not isinstance(args, AAPOConfig):
             raise TypeError(f"AAPOTrainer needs an AAPOConfig, got {type(args).__name__}")
+        if reference_model is not None:
+            if args.reference_source != "model":
+                raise ValueError(
+                    f"reference_model is only used with reference_source='model', not {args.reference_source!r}."
+                )
+            _check_reference_tokenizer(model, kwargs.get("processing_class"), reference_model,
+                                       reference_processing_class)
         if args.reference_source == "cache" and args.ref_rollouts_path is not None:
             more_args, kwargs = _with_ref_rollouts(args, more_args, kwargs)
         if args.ref_update_steps is not None and _is_peft_run(model, more_args, kwargs):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
-        self.reference = make_reference(self)
+        if reference_model is not None:
+            self.reference = FrozenCopyReference(_load_reference_model(reference_model, self.model))
+        else:
+            self.reference = make_reference(self)
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):
@@ -237,3 +260,31 @@ def _is_peft_run(model, more_args: tuple, kwargs: dict) -> bool:
     position = _GRPO_PARAMETERS.index("peft_config") - 3
     peft_config = more_args[position] if position < len(more_args) else kwargs.get("peft_config")
     return peft_config is not None
+
+
+def _tokenizer_of(model_or_path, processing_class):
+    from transformers import AutoTokenizer
+
+    if processing_class is not None:
+        return processing_class
+    path = model_or_path if isinstance(model_or_path, str) else getattr(model_or_path, "name_or_path", None)
+    if not path:
+        raise ValueError("pass reference_processing_class (or processing_class) so the tokenizers can be compared")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_reference_tokenizer(policy, policy_processing_class, reference, reference_processing_class) -> None:
+    validate_tokenizers_match(
+        _tokenizer_of(policy, policy_processing_class), _tokenizer_of(reference, reference_processing_class)
+    )
+
+
+def _load_reference_model(reference, policy):
+    """A frozen reference on the policy's device and dtype (loaded here when given as a path)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(reference, str):
+        reference = AutoModelForCausalLM.from_pretrained(reference, dtype=policy.dtype)
+    reference = reference.to(policy.device)
+    reference.requires_grad_(False)
+    return reference.eval()
