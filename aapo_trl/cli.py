@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "aapo_trl.train",
     "aapo_trl.hub",
     "aapo_trl.ref_rollouts",
+    "aapo_trl.evaluation",
     "aapo_trl.report",
 ]
 

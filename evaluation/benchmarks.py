@@ -1,0 +1,244 @@
+"""The five benchmarks of the AAPO / ZAPO tables, as the AAPO repository's ``open-rs/evaluate.py``
+(open-rs's and open-r1's ``src/open_r1/evaluate.py``) defines them: datasets, columns, prompt, gold
+kind; plus the unbiased pass@k estimator.
+
+Pure Python (no lighteval, no torch): ``evaluation/tasks.py`` builds the lighteval tasks from it,
+``aapo_trl/eval_callback.py`` the in-training evaluation, ``aapo-trl eval`` its command line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+#: The user message of the open-rs / open-r1 math tasks (adapted there from OpenAI simple-evals and
+#: the Llama 3 evals). Protocol text: it must stay byte-identical for results to be comparable.
+MATH_QUERY_TEMPLATE = (
+    "Solve the following math problem efficiently and clearly.  The last line of your response should be "
+    "of the following format: 'Therefore, the final answer is: $\\boxed{{ANSWER}}$. I hope it is correct' "
+    "(without quotes) where ANSWER is just the final number or expression that solves the problem. "
+    "Think step by step before answering.\n\n{Question}"
+)
+
+#: open-rs evaluates with ``max_new_tokens=32768`` and this task ``generation_size``.
+DEFAULT_GENERATION_SIZE = 32768
+
+#: The k of AAPO Table 7 (pass@k from 64 samples per problem). pass@1 is always reported.
+PASS_AT_K = (8, 16, 32, 64)
+
+#: Prefix of every lighteval task name: lighteval's built-ins include ``aime24`` and ``math_500``.
+TASK_PREFIX = "aapo_"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark of the papers' tables.
+
+    Attributes:
+        key: Short name used everywhere in aapo-trl (results JSON, data folders, CLI).
+        title: Column title in the papers' tables.
+        hub_id: The dataset the AAPO / open-rs evaluation loads.
+        split: The split it evaluates.
+        question_column: Column holding the problem statement.
+        gold_column: Column holding the gold (a bare answer, or a solution ending in ``\\boxed{}``).
+        gold_kind: ``"expr"`` (gold read as a plain expression) or ``"latex"`` (gold read as LaTeX).
+        num_problems: Size of the full benchmark, as the AAPO paper counts it.
+    """
+
+    key: str
+    title: str
+    hub_id: str
+    split: str
+    question_column: str
+    gold_column: str
+    gold_kind: str
+    num_problems: int
+
+    @property
+    def task_name(self) -> str:
+        return TASK_PREFIX + self.key
+
+    def query(self, row: Mapping[str, Any]) -> str:
+        """The user message for one dataset row."""
+        return MATH_QUERY_TEMPLATE.format(Question=row[self.question_column])
+
+    def gold(self, row: Mapping[str, Any]) -> str:
+        """The gold text for one dataset row (parsed later according to :attr:`gold_kind`)."""
+        return gold_text(row[self.gold_column])
+
+
+#: In the column order of AAPO Table 1.
+BENCHMARKS: dict[str, Benchmark] = {
+    b.key: b
+    for b in (
+        Benchmark("aime24", "AIME24", "HuggingFaceH4/aime_2024", "train", "problem", "answer", "expr", 30),
+        Benchmark("math_500", "MATH-500", "HuggingFaceH4/MATH-500", "test", "problem", "solution", "latex", 500),
+        Benchmark("amc23", "AMC23", "knoveleng/AMC-23", "train", "problem", "answer", "expr", 40),
+        Benchmark("minerva", "Minerva", "knoveleng/Minerva-Math", "train", "problem", "solution", "latex", 272),
+        Benchmark(
+            "olympiadbench", "OlympiadBench", "knoveleng/OlympiadBench", "train", "question", "answer", "latex", 674
+        ),
+    )
+}
+BENCHMARK_KEYS = tuple(BENCHMARKS)
+
+_ALIASES = {
+    "aime": "aime24",
+    "aime_24": "aime24",
+    "aime2024": "aime24",
+    "math500": "math_500",
+    "math": "math_500",
+    "amc": "amc23",
+    "amc_23": "amc23",
+    "minerva_math": "minerva",
+    "olympiad": "olympiadbench",
+    "olympiad_bench": "olympiadbench",
+}
+
+
+def benchmark(name: str | Benchmark) -> Benchmark:
+    """The benchmark for a key, an alias (``math500``), a task name (``aapo_aime24|0``) or a title."""
+    if isinstance(name, Benchmark):
+        return name
+    key = str(name).strip().split("|")[0].split(":")[0]
+    if key.startswith(TASK_PREFIX):
+        key = key[len(TASK_PREFIX) :]
+    lowered = key.lower().replace("-", "_")
+    for candidate in BENCHMARKS.values():
+        if lowered in (candidate.key, candidate.title.lower().replace("-", "_")):
+            return candidate
+    if lowered in _ALIASES:
+        return BENCHMARKS[_ALIASES[lowered]]
+    raise KeyError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARK_KEYS)}")
+
+
+def parse_benchmarks(names: str | Sequence[str] | None) -> list[Benchmark]:
+    """``None``/``"all"`` -> all five, else the named ones (comma-separated or a list), in table order."""
+    if names is None:
+        return list(BENCHMARKS.values())
+    if isinstance(names, str):
+        names = [n for n in names.split(",") if n.strip()]
+    if not names or any(str(n).strip().lower() == "all" for n in names):
+        return list(BENCHMARKS.values())
+    wanted = {benchmark(n).key for n in names}
+    return [b for b in BENCHMARKS.values() if b.key in wanted]
+
+
+def gold_text(value: Any) -> str:
+    """A gold answer as the string lighteval's extraction needs. Numbers become text (``27.0`` ->
+    ``"27"``): the regex extraction fails on anything but ``str``. A list (OlympiadBench's
+    ``final_answer``) gives its first item."""
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else ""
+    if value is None:
+        return ""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# pass@k
+# --------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al., 2021, "Evaluating Large Language Models Trained on Code"):
+    ``1 - C(n - c, k) / C(n, k)`` for ``c`` correct among ``n`` samples, as a stable product."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    product = 1.0
+    for i in range(n - c + 1, n + 1):
+        product *= 1.0 - k / i
+    return 1.0 - product
+
+
+def reported_ks(num_samples: int) -> list[int]:
+    """pass@1 always; pass@k for the k of AAPO Table 7 that ``num_samples`` allows."""
+    return [1] + [k for k in PASS_AT_K if k <= num_samples]
+
+
+def metric_names(num_samples: int) -> list[str]:
+    return [f"pass@{k}" for k in reported_ks(num_samples)]
+
+
+def pass_at_ks(scores: Sequence[float], num_samples: int | None = None) -> dict[str, float]:
+    """``{"pass@1": c / n, "pass@8": ...}`` for one problem's per-sample scores (1 = correct)."""
+    n = len(scores)
+    if n == 0:
+        raise ValueError("no samples")
+    c = sum(1 for s in scores if s >= 1.0)
+    return {f"pass@{k}": (c / n if k == 1 else pass_at_k(n, c, k)) for k in reported_ks(num_samples or n) if k <= n}
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the rows come from
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_dataset(
+    bench: Benchmark | str,
+    datasets: Mapping[str, str] | None = None,
+    data_dir: str | os.PathLike | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> str:
+    """Where a benchmark's rows come from; the first that applies wins:
+
+    1. ``datasets[key]`` (a local folder or a Hub id; keys may be aliases);
+    2. ``data_dir/<key>`` when that folder exists;
+    3. ``$AAPO_EVAL_DATASET_<KEY>`` (``AAPO_EVAL_DATASET_MATH_500``);
+    4. ``$AAPO_EVAL_DATA_DIR/<key>`` when that folder exists;
+    5. the Hub id of the papers' evaluation.
+
+    A local folder holds the split as a file named after it (``train.jsonl``, ``test.parquet`` ...)
+    with the Hub dataset's columns.
+    """
+    bench = benchmark(bench)
+    environ = os.environ if environ is None else environ
+    overrides = {benchmark(k).key: v for k, v in (datasets or {}).items()}
+    if overrides.get(bench.key):
+        return str(overrides[bench.key])
+    if data_dir is not None and (Path(data_dir) / bench.key).is_dir():
+        return str(Path(data_dir) / bench.key)
+    if environ.get(f"AAPO_EVAL_DATASET_{bench.key.upper()}"):
+        return environ[f"AAPO_EVAL_DATASET_{bench.key.upper()}"]
+    env_dir = environ.get("AAPO_EVAL_DATA_DIR")
+    if env_dir and (Path(env_dir) / bench.key).is_dir():
+        return str(Path(env_dir) / bench.key)
+    return bench.hub_id
+
+
+def load_rows(bench: Benchmark | str, source: str | None = None, **resolve_kwargs) -> list[dict[str, Any]]:
+    """The benchmark's evaluation split as a list of row dicts (``datasets`` is imported here)."""
+    from datasets import load_dataset
+
+    bench = benchmark(bench)
+    source = source or resolve_dataset(bench, **resolve_kwargs)
+    return [dict(row) for row in load_dataset(source, split=bench.split)]
+
+
+__all__ = [
+    "BENCHMARKS",
+    "BENCHMARK_KEYS",
+    "Benchmark",
+    "DEFAULT_GENERATION_SIZE",
+    "MATH_QUERY_TEMPLATE",
+    "PASS_AT_K",
+    "TASK_PREFIX",
+    "benchmark",
+    "gold_text",
+    "load_rows",
+    "metric_names",
+    "parse_benchmarks",
+    "pass_at_k",
+    "pass_at_ks",
+    "reported_ks",
+    "resolve_dataset",
+]
