@@ -149,6 +149,18 @@ def trainer_class(algorithm: str):
     return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer, "zapo": ZAPOTrainer}[algorithm]
 
 
+def load_training_dataset(script_args: ScriptArguments, training_args):
+    """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture)."""
+    return load_dataset_mixture(
+        script_args.dataset_name,
+        split=script_args.dataset_split,
+        system_prompt=script_args.system_prompt,
+        levels=script_args.dataset_levels,
+        max_samples=script_args.max_train_samples,
+        seed=training_args.seed,
+    )
+
+
 def load_policy(model_args: ModelConfig, training_args):
     """On the CPU, load the weights ourselves (copied out of the safetensors memory map, see
     models.materialize_parameters); on accelerators, hand the path to TRL, which knows about
@@ -184,14 +196,7 @@ def main(
             f"reward_weights has {len(training_args.reward_weights)} values but reward_funcs names "
             f"{len(reward_funcs)} functions ({script_args.reward_funcs}); give one weight per function."
         )
-    dataset = load_dataset_mixture(
-        script_args.dataset_name,
-        split=script_args.dataset_split,
-        system_prompt=script_args.system_prompt,
-        levels=script_args.dataset_levels,
-        max_samples=script_args.max_train_samples,
-        seed=training_args.seed,
-    )
+    dataset = load_training_dataset(script_args, training_args)
     model, tokenizer = load_policy(model_args, training_args)
     trainer = trainer_class(algorithm)(
         model=model,

@@ -304,19 +304,11 @@ def _worker(conn, spec: dict) -> None:
     from trl import get_peft_config
 
     from aapo_trl import train as entry
-    from aapo_trl.data import load_dataset_mixture
     from aapo_trl.rewards import get_reward_funcs
 
     algorithm = spec["algorithm"]
     script_args, training_args, model_args = entry.parse_args(algorithm, spec["argv"])
-    dataset = load_dataset_mixture(
-        script_args.dataset_name,
-        split=script_args.dataset_split,
-        system_prompt=script_args.system_prompt,
-        levels=script_args.dataset_levels,
-        max_samples=script_args.max_train_samples,
-        seed=training_args.seed,
-    )
+    dataset = entry.load_training_dataset(script_args, training_args)
     model, tokenizer = entry.load_policy(model_args, training_args)
     trainer = entry.trainer_class(algorithm)(
         model=model,
