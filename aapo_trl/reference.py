@@ -32,8 +32,10 @@ from contextlib import contextmanager
 import torch
 from accelerate.utils import is_peft_model
 from transformers import GenerationConfig, PreTrainedModel
-from trl.models import unwrap_model_for_generation
-from trl.trainer.utils import pad, use_adapter
+from trl.distributed import DistributedBackend
+from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
+from trl.trainer.callbacks import SyncRefModelCallback
+from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,62 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     reference.requires_grad_(False)
     reference.eval()
     return reference
+
+
+def initial_policy_model(trainer) -> PreTrainedModel:
+    """A frozen, not yet placed copy of the initial policy (see :func:`prepare_reference_model`).
+
+    Under DeepSpeed ZeRO-3 the policy's parameters are already partitioned across the ranks when the
+    trainer is built (``zero3_init_flag``), so a deep copy would hold each rank's empty shards; the copy is
+    then loaded again from the policy's checkpoint, the way TRL builds its own ``ref_model``.
+    """
+    if not DistributedBackend(trainer.accelerator).is_zero3:
+        return frozen_copy(trainer.model)
+    model_id = get_config_model_id(trainer.model.config)
+    if not model_id:
+        raise ValueError(
+            "Under DeepSpeed ZeRO-3 AAPO loads its frozen reference from the policy's checkpoint (a copy of the "
+            "partitioned policy would be empty), but the policy has no checkpoint path (config._name_or_path is "
+            "empty). Pass the model as a path or Hub id, or pass reference_model=."
+        )
+    init_kwargs = dict(trainer.args.model_init_kwargs or {})
+    init_kwargs["device_map"] = None  # distributed training places the weights itself
+    init_kwargs.setdefault("trust_remote_code", trainer.args.trust_remote_code)
+    init_kwargs.setdefault("dtype", trainer.model.dtype)
+    init_kwargs.setdefault("attn_implementation", trainer.model.config._attn_implementation)
+    reference = create_model_from_path(model_id, **init_kwargs)
+    reference.requires_grad_(False)
+    return reference.eval()
+
+
+def prepare_reference_model(trainer, model: torch.nn.Module) -> torch.nn.Module:
+    """Place a frozen reference the way TRL places its ``ref_model``.
+
+    DeepSpeed: an inference engine (TRL's ``prepare_deepspeed``): sharded like the policy under ZeRO-3,
+    a full copy per rank under ZeRO-1/2. FSDP: wrapped like the policy. Otherwise: on the accelerator's
+    device, unwrapped (it never receives gradients, so it needs no DDP).
+    """
+    if trainer.is_deepspeed_enabled:
+        return prepare_deepspeed(model, trainer.accelerator)
+    if trainer.is_fsdp_enabled:
+        return prepare_fsdp(model, trainer.accelerator)
+    return model.to(trainer.accelerator.device)
+
+
+@contextmanager
+def writable_gathered(trainer, params):
+    """Gather ZeRO-3 shards so they can be written; yields whether this rank writes.
+
+    Under ZeRO-3 only rank 0's writes are kept (and scattered back on exit); elsewhere every rank
+    writes its own full copy.
+    """
+    if DistributedBackend(trainer.accelerator).is_zero3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(params), modifier_rank=0):
+            yield trainer.accelerator.process_index == 0
+    else:
+        yield True
 
 
 def _unwrapped_for_generation(trainer, model):
@@ -86,19 +144,36 @@ class FrozenCopyReference:
 
     def named_weights(self, trainer):
         """``(name, tensor)`` in the checkpoint's naming (what vLLM's ``load_weights`` expects)."""
-        from trl.distributed import DistributedBackend
-
         dist = DistributedBackend(trainer.accelerator)
         for name, param in trainer.accelerator.unwrap_model(self.model).named_parameters():
             with dist.gather_params([param]):
                 yield name.replace("_checkpoint_wrapped_module.", ""), param.data
 
     def load_policy_weights(self, trainer) -> None:
-        """``ref_update_steps``: copy the current policy weights into the reference."""
+        """``ref_update_steps``: copy the current policy weights into the reference (TRL's ZeRO-3-aware sync)."""
         policy = trainer.accelerator.unwrap_model(trainer.model)
         reference = trainer.accelerator.unwrap_model(self.model)
         with torch.no_grad():
-            reference.load_state_dict(policy.state_dict())
+            SyncRefModelCallback.sync_target_model(policy, reference, alpha=1.0)
+
+    def state_dict(self, trainer) -> dict[str, torch.Tensor]:
+        """The full reference weights on the CPU, gathered from ZeRO-3 shards (every rank must call it)."""
+        return {name: tensor.detach().to("cpu", copy=True) for name, tensor in self.named_weights(trainer)}
+
+    def load_state_dict(self, trainer, tensors: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by :meth:`state_dict` (every rank must call it under ZeRO-3)."""
+        reference = trainer.accelerator.unwrap_model(self.model)
+        params = dict(reference.named_parameters())
+        missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise ValueError(
+                f"the saved reference weights do not fit the reference model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad(), writable_gathered(trainer, params.values()) as writes:
+            if writes:
+                for name, param in params.items():
+                    param.data.copy_(tensors[name].to(param.device, param.dtype))
 
     def parameters_fingerprint(self) -> torch.Tensor:
         """A cheap summary of the weights, used by tests and logs to show the reference did not move."""
@@ -128,8 +203,6 @@ class PeftBaseReference:
         push the policy: here the LoRA tensors are skipped and, for ``modules_to_save``, the original
         module is kept and the trained copy dropped.
         """
-        from trl.distributed import DistributedBackend
-
         model = trainer.accelerator.unwrap_model(trainer.model)
         if "ref" in model.peft_config:
             raise NotImplementedError(
@@ -318,8 +391,11 @@ class ColocatedVLLMReference:
         return [list(ids) for ids in completion_ids]
 
 
-def make_reference(trainer):
-    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer."""
+def make_reference(trainer, reference_model: torch.nn.Module | None = None):
+    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer.
+
+    ``reference_model``: an explicit frozen reference (already loaded) instead of the initial policy.
+    """
     source = getattr(trainer.args, "reference_source", "model")
     if source == "cache":
         from .ref_rollouts import CachedReference
@@ -327,16 +403,20 @@ def make_reference(trainer):
         return CachedReference()
     if source == "vllm_server":
         return VLLMServerReference(trainer)
-    if is_peft_model(trainer.model):
+    zero3 = DistributedBackend(trainer.accelerator).is_zero3
+    if reference_model is not None:
+        weights = FrozenCopyReference(prepare_reference_model(trainer, reference_model))
+    elif is_peft_model(trainer.model):
         weights = PeftBaseReference()
-    elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds a frozen initial policy
+    elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds (and placed) one
         weights = FrozenCopyReference(trainer.ref_model)
-    elif source == "vllm_colocate":  # only its weights are read: keep it off the accelerator
-        weights = FrozenCopyReference(frozen_copy(trainer.model).to("cpu"))
+    elif source == "vllm_colocate":  # only its weights are read: off the accelerator unless sharded
+        reference = initial_policy_model(trainer)
+        weights = FrozenCopyReference(reference if zero3 else reference.to("cpu"))
     else:
-        weights = FrozenCopyReference(frozen_copy(trainer.model))
+        weights = FrozenCopyReference(prepare_reference_model(trainer, initial_policy_model(trainer)))
     if source == "vllm_colocate":
-        if getattr(getattr(trainer, "_dist", None), "is_fsdp", False):
+        if DistributedBackend(trainer.accelerator).is_fsdp:
             raise NotImplementedError(
                 "reference_source='vllm_colocate' is not supported with FSDP; use reference_source='vllm_server' or "
                 "'model'."
@@ -400,7 +480,9 @@ __all__ = [
     "PeftBaseReference",
     "VLLMServerReference",
     "frozen_copy",
+    "initial_policy_model",
     "make_reference",
+    "prepare_reference_model",
     "sample_reference_completions",
     "sampling_generation_config",
     "truncate_after_eos",

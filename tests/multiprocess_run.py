@@ -1,4 +1,5 @@
-"""One AAPO or ZAPO step, run by tests/test_multiprocess.py under 1 and under 2 accelerate processes.
+"""One AAPO or ZAPO step, run by tests/test_multiprocess.py under 1 and under 2 accelerate processes (and by
+tests/test_deepspeed.py under DeepSpeed ZeRO-2/3). An optional 4th argument is a JSON dict of config overrides.
 
 Greedy decoding and a policy perturbed with a fixed seed make every completion a function of its
 prompt alone, so both runs see the same global batch and must produce the same advantages. Each rank
@@ -10,11 +11,14 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig, ZAPOConfig  # noqa: E402
+from aapo_trl.reference import writable_gathered  # noqa: E402
 from aapo_trl.trainers import AAPOTrainer, ZAPOTrainer  # noqa: E402
 
 TRAINERS = {"aapo": (AAPOConfig, AAPOTrainer), "zapo": (ZAPOConfig, ZAPOTrainer)}
@@ -23,16 +27,19 @@ GLOBAL_BATCH = 6
 NUM_GENERATIONS = 2  # with 3 rows per process, the second group spans both processes
 
 
-def main(algorithm: str, model_path: str, out_dir: str) -> None:
+def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
     config_class, trainer_class = TRAINERS[algorithm]
-    config = config_class(**dict(CPU_ARGS, output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
-                               num_generations=NUM_GENERATIONS, max_completion_length=5, max_steps=1,
-                               learning_rate=0.0, generation_kwargs={"do_sample": False}))
+    settings = dict(CPU_ARGS, output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
+                    num_generations=NUM_GENERATIONS, max_completion_length=5, max_steps=1, learning_rate=0.0,
+                    generation_kwargs={"do_sample": False})
+    config = config_class(**{**settings, **json.loads(overrides)})
     trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(3))
-    perturb_(trainer.model)
+    with writable_gathered(trainer, trainer.model.parameters()) as writes:  # ZeRO-3: perturb the full weights
+        if writes:
+            perturb_(trainer.model)
     recorder = Recorder(trainer)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     batch = recorder.batches[0]
     result = {
         "world_size": trainer.accelerator.num_processes,
@@ -42,9 +49,26 @@ def main(algorithm: str, model_path: str, out_dir: str) -> None:
         "entropy_inputs": {k: v.tolist() for k, v in getattr(trainer, "_last_entropy_inputs", {}).items()},
         "local_advantages": batch["advantages"].tolist(),
         "logged": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("zero_adv", "aapo", "zapo"))},
+        "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
+        if trainer.is_deepspeed_enabled else None,
+        "reference_class": type(getattr(trainer, "reference", None)).__name__,
+        "reference_model_class": type(getattr(getattr(trainer, "reference", None), "model", None)).__name__,
+        # gathered from ZeRO-3 shards on every rank (a collective): what the reference holds after training
+        "reference_weight_sums": {name: tensor.double().sum().item()
+                                  for name, tensor in trainer.reference.state_dict(trainer).items()}
+        if hasattr(getattr(trainer, "reference", None), "state_dict") else None,
     }
     Path(out_dir, f"rank{result['rank']}.json").write_text(json.dumps(result))
+    if trainer.is_deepspeed_enabled:
+        # DeepSpeed 0.19's CPU backend intermittently aborts during interpreter teardown, after everything above
+        # has finished ("terminate called without an active exception": a C++ thread of its shared-memory comm
+        # op). The results are written; leave without the teardown so the launcher sees a clean exit.
+        trainer.accelerator.wait_for_everyone()
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3])
+    main(*sys.argv[1:])

@@ -98,10 +98,9 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
-        if reference_model is not None:
-            self.reference = FrozenCopyReference(_load_reference_model(reference_model, self.model))
-        else:
-            self.reference = make_reference(self)
+        self.reference = make_reference(
+            self, None if reference_model is None else _load_reference_model(reference_model, self.model)
+        )
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):
@@ -111,21 +110,28 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
     # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
 
+    def _weights_reference(self) -> FrozenCopyReference | None:
+        """The reference whose weights live in this process (not a server's, not the adapter-free base)."""
+        weights = getattr(self.reference, "weights", self.reference)  # the colocated engine's frozen copy
+        return weights if isinstance(weights, FrozenCopyReference) else None
+
     def _save_extra_state(self, checkpoint: str) -> None:
         super()._save_extra_state(checkpoint)
-        if self.args.ref_update_steps is None or not self.args.should_save:
+        if self.args.ref_update_steps is None:
             return
         from ..checkpointing import atomic_write_json
 
         state = {"updated_at_step": self.reference_updated_at_step, "source": self.reference.kind, "weights": None}
-        weights_model = getattr(self.reference, "model", None)
-        if self.reference_updated_at_step > 0 and weights_model is not None:
-            from safetensors.torch import save_model
+        weights_reference = self._weights_reference()
+        if self.reference_updated_at_step > 0 and weights_reference is not None:
+            tensors = weights_reference.state_dict(self)  # collective under ZeRO-3: every rank gathers
+            if self.args.should_save:
+                from safetensors.torch import save_file
 
-            path = os.path.join(checkpoint, REFERENCE_WEIGHTS_FILENAME)
-            save_model(self.accelerator.unwrap_model(weights_model), path)
+                save_file(tensors, os.path.join(checkpoint, REFERENCE_WEIGHTS_FILENAME))
             state["weights"] = REFERENCE_WEIGHTS_FILENAME
-        atomic_write_json(os.path.join(checkpoint, REFERENCE_STATE_FILENAME), state)
+        if self.args.should_save:
+            atomic_write_json(os.path.join(checkpoint, REFERENCE_STATE_FILENAME), state)
 
     def _load_extra_state(self, checkpoint: str) -> None:
         super()._load_extra_state(checkpoint)
@@ -143,11 +149,11 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         self.reference_updated_at_step = state["updated_at_step"]
         if self.reference_updated_at_step == 0:
             return  # still the initial policy
-        weights_model = getattr(self.reference, "model", None)
-        if state.get("weights") and weights_model is not None:
-            from safetensors.torch import load_model
+        weights_reference = self._weights_reference()
+        if state.get("weights") and weights_reference is not None:
+            from safetensors.torch import load_file
 
-            load_model(self.accelerator.unwrap_model(weights_model), os.path.join(checkpoint, state["weights"]))
+            weights_reference.load_state_dict(self, load_file(os.path.join(checkpoint, state["weights"])))
             return
         with open(os.path.join(checkpoint, "trainer_state.json")) as handle:
             checkpoint_step = json.load(handle)["global_step"]
@@ -280,11 +286,10 @@ def _check_reference_tokenizer(policy, policy_processing_class, reference, refer
 
 
 def _load_reference_model(reference, policy):
-    """A frozen reference on the policy's device and dtype (loaded here when given as a path)."""
+    """A frozen reference in the policy's dtype (loaded here when given as a path); placed by make_reference."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(reference, str):
         reference = AutoModelForCausalLM.from_pretrained(reference, dtype=policy.dtype)
-    reference = reference.to(policy.device)
     reference.requires_grad_(False)
     return reference.eval()
