@@ -425,7 +425,8 @@ def write_plots(runs: list[Run], output_dir: Path, smooth: int = 1) -> list[Path
     plt = _pyplot()
     styles = _styles(runs)
     written = []
-    note = f" (moving average over {smooth} steps)" if smooth > 1 else ""
+    # titles break into lines: side-by-side panels are only 6.4 inches wide each
+    note = f"\n(moving average over {smooth} steps)" if smooth > 1 else ""
 
     def save(fig, name):
         path = output_dir / name
@@ -437,8 +438,8 @@ def write_plots(runs: list[Run], output_dir: Path, smooth: int = 1) -> list[Path
     figures = [
         ("reward.png", [(REWARD, "reward" + note, "mean reward")]),
         ("zero_adv.png", [
-            (ZERO_BEFORE, "zero-advantage groups, before (GRPO's zero-variance)" + note, "share of groups"),
-            (ZERO_AFTER, "zero-advantage groups, after the algorithm's advantage" + note, "share of groups"),
+            (ZERO_BEFORE, "zero-advantage groups, before\n(GRPO's zero-variance)" + note, "share of groups"),
+            (ZERO_AFTER, "zero-advantage groups, after\nthe algorithm's advantage" + note, "share of groups"),
         ]),
         ("completion_length.png", [(LENGTH, "response length" + note, "mean completion tokens")]),
         ("zapo_entropy.png", [
@@ -463,7 +464,7 @@ def write_plots(runs: list[Run], output_dir: Path, smooth: int = 1) -> list[Path
         greso_runs = [run for run in runs if run.has(P_EASY) or run.has(P_HARD)]
         greso_styles = {i: styles[runs.index(run)] for i, run in enumerate(greso_runs)}
         _panel(ax, greso_runs, greso_styles, P_EASY, "GRESO keep probabilities", "probability", 1, " p_easy", "-")
-        _panel(ax, greso_runs, greso_styles, P_HARD, "GRESO keep probabilities (solid: p_easy, dashed: p_hard)",
+        _panel(ax, greso_runs, greso_styles, P_HARD, "GRESO keep probabilities\n(solid: p_easy, dashed: p_hard)",
                "probability", 1, " p_hard", "--")
         save(fig, "greso.png")
     return written
