@@ -403,7 +403,7 @@ def make_reference(trainer, reference_model: torch.nn.Module | None = None):
         return CachedReference()
     if source == "vllm_server":
         return VLLMServerReference(trainer)
-    zero3 = DistributedBackend(trainer.accelerator).is_zero3
+    dist = DistributedBackend(trainer.accelerator)
     if reference_model is not None:
         weights = FrozenCopyReference(prepare_reference_model(trainer, reference_model))
     elif is_peft_model(trainer.model):
@@ -412,11 +412,11 @@ def make_reference(trainer, reference_model: torch.nn.Module | None = None):
         weights = FrozenCopyReference(trainer.ref_model)
     elif source == "vllm_colocate":  # only its weights are read: off the accelerator unless sharded
         reference = initial_policy_model(trainer)
-        weights = FrozenCopyReference(reference if zero3 else reference.to("cpu"))
+        weights = FrozenCopyReference(reference if dist.is_zero3 else reference.to("cpu"))
     else:
         weights = FrozenCopyReference(prepare_reference_model(trainer, initial_policy_model(trainer)))
     if source == "vllm_colocate":
-        if DistributedBackend(trainer.accelerator).is_fsdp:
+        if dist.is_fsdp:
             raise NotImplementedError(
                 "reference_source='vllm_colocate' is not supported with FSDP; use reference_source='vllm_server' or "
                 "'model'."
