@@ -4,11 +4,17 @@
     python benchmarks/mini_repro.py [run] [--algorithms grpo gpg aapo zapo] [--seeds 0 1 2] [--out DIR]
     python benchmarks/mini_repro.py difficulty [--levels ...]   # base accuracy per level (choose the mix)
     python benchmarks/mini_repro.py report [--out DIR]          # table + plots of the finished runs
+    python benchmarks/mini_repro.py publish [--out DIR] [--to docs/results/mini_repro]
 
 ``run`` trains every (algorithm, seed) pair not finished yet, one at a time, each in its own process, and
 then writes ``DIR/report/`` (``aapo-trl report``). A run is finished when ``DIR/<algorithm>-seed<S>/
 results.json`` exists; an interrupted run has none and is started again from scratch. So the command can
 be killed and started again at any time, and split up (``--algorithms aapo --seeds 0``).
+
+``publish`` copies the finished runs' ``results.json`` (compact: floats to 6 significant digits, no
+indentation, ~30-60 KB) to ``docs/results/mini_repro/<run>/`` and rewrites the report there from every run
+published so far, so that ``docs/RESULTS.md`` rests on files in the repository and the grid can be completed
+over several sessions on machines that do not keep ``outputs/``.
 
 Every run (the recipe, :data:`RECIPE`; change it with the flags below or ``--train-args``):
 
@@ -396,6 +402,36 @@ def report(args) -> int:
     return 0
 
 
+def _round_floats(value, digits: int = 6):
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: _round_floats(item, digits) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_round_floats(item, digits) for item in value]
+    return value
+
+
+def publish(args) -> int:
+    """Copy the finished runs (compact) and their base evaluations to ``--to``, then report from there."""
+    out, target = Path(args.out), Path(args.to)
+    finished = sorted(p.parent for p in out.glob(f"*/{RESULTS_FILE}"))
+    for run_dir in finished:
+        data = _round_floats(json.loads((run_dir / RESULTS_FILE).read_text()))
+        destination = target / run_dir.name / RESULTS_FILE
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(json.dumps(data, separators=(",", ":"), default=str) + "\n")
+        print(f"published {run_dir.name} -> {destination} ({destination.stat().st_size / 1024:.0f} KB)")
+    for base in sorted(out.glob("base-eval-seed*.json")):
+        (target / base.name).write_text(json.dumps(_round_floats(json.loads(base.read_text())), indent=1) + "\n")
+    if not any(target.glob(f"*/{RESULTS_FILE}")):
+        print(f"nothing finished under {out}, nothing published under {target}")
+        return 0
+    relative = os.path.relpath(target)
+    args.out = target if relative.startswith("..") else relative  # report.md names the runs by this path
+    return report(args)
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -468,6 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="tables and plots of the finished runs under --out")
     shared(rep)
 
+    pub = sub.add_parser("publish", help="copy the finished runs (compact) into the repository and report there")
+    shared(pub)
+    pub.add_argument("--to", default=str(ROOT / "docs" / "results" / "mini_repro"),
+                     help="where the published runs and their report go")
+
     diff = sub.add_parser("difficulty", help="base accuracy per level, greedy and sampled (choose the mix)")
     shared(diff, training=False)
     diff.set_defaults(levels=["all"])
@@ -488,7 +529,8 @@ def main(argv=None) -> int:
         if args.model == "tiny" and not any(a.startswith("--truncated_completions") for a in args.train_args):
             # the random tiny model never stops: score its truncated completions so every code path runs
             args.train_args = ["--truncated_completions", "score", *args.train_args]
-    handler = {"run": run_all, "run-one": run_one, "report": report, "difficulty": difficulty}[args.command]
+    handler = {"run": run_all, "run-one": run_one, "report": report, "publish": publish,
+               "difficulty": difficulty}[args.command]
     return handler(args)
 
 
