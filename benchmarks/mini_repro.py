@@ -422,7 +422,8 @@ def publish(args) -> int:
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_text(json.dumps(data, separators=(",", ":"), default=str) + "\n")
         print(f"published {run_dir.name} -> {destination} ({destination.stat().st_size / 1024:.0f} KB)")
-    for base in sorted(out.glob("base-eval-seed*.json")):
+    for base in sorted(out.glob("base-eval-seed*.json")):  # may exist before any run has finished
+        target.mkdir(parents=True, exist_ok=True)
         (target / base.name).write_text(json.dumps(_round_floats(json.loads(base.read_text())), indent=1) + "\n")
     if not any(target.glob(f"*/{RESULTS_FILE}")):
         print(f"nothing finished under {out}, nothing published under {target}")
