@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .devices import run_on_cpu
+
 MAX_CLUSTERS = 4
 """Largest K tried for a group (spec 3.2 step 2: K in 2..min(G-1, 4))."""
 
@@ -130,22 +132,33 @@ def choose_num_clusters(
     L2-normalised here again, which is a no-op for ``mean_pool_completion_states`` output. Labels are
     a LongTensor numbered in order of first appearance.
     """
-    from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.metrics import silhouette_score
-    from sklearn.metrics.pairwise import cosine_distances
-
     if embeddings.dim() != 2:
         raise ValueError(f"expected (G, D) embeddings, got shape {tuple(embeddings.shape)}")
     if max_clusters < 1:
         raise ValueError(f"max_clusters must be at least 1, got {max_clusters}")
     if n_init < 1:
         raise ValueError(f"n_init must be at least 1, got {n_init}")
-    points = embeddings.detach().to(device="cpu", dtype=torch.float64)
-    if not torch.isfinite(points).all():
+    if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or inf; drop those rows first (semantic_entropy does)")
+    # scikit-learn runs on the CPU; the labels come back on the embeddings' device
+    return run_on_cpu(
+        _cluster_on_cpu, embeddings.detach(), int(seed), max_clusters, min_silhouette, identical_distance, n_init
+    )
+
+
+def _cluster_on_cpu(
+    embeddings: torch.Tensor, seed: int, max_clusters: int, min_silhouette: float, identical_distance: float,
+    n_init: int,
+) -> tuple[torch.Tensor, int]:
+    """``choose_num_clusters`` on CPU tensors (scikit-learn and numpy need them)."""
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.metrics import silhouette_score
+    from sklearn.metrics.pairwise import cosine_distances
+
+    points = embeddings.double()
     num = points.size(0)
-    one_cluster = torch.zeros(num, dtype=torch.long, device=embeddings.device)
+    one_cluster = torch.zeros(num, dtype=torch.long)
     if num < 3:
         return one_cluster, 1
     x = F.normalize(points, p=2.0, dim=1).numpy()
@@ -158,7 +171,7 @@ def choose_num_clusters(
         with warnings.catch_warnings():
             # Duplicate points: "Number of distinct clusters (m) found smaller than n_clusters (k)".
             warnings.simplefilter("ignore", ConvergenceWarning)
-            labels = KMeans(n_clusters=k, random_state=int(seed), n_init=n_init).fit_predict(x)
+            labels = KMeans(n_clusters=k, random_state=seed, n_init=n_init).fit_predict(x)
         if np.unique(labels).size != k:
             continue
         score = float(silhouette_score(distances, labels, metric="precomputed"))
@@ -166,8 +179,7 @@ def choose_num_clusters(
             best_k, best_score, best_labels = k, score, labels
     if best_labels is None or best_score < min_silhouette:
         return one_cluster, 1
-    labels = torch.from_numpy(_first_appearance_labels(best_labels)).to(embeddings.device)
-    return labels, best_k
+    return torch.from_numpy(_first_appearance_labels(best_labels)), best_k
 
 
 def cluster_semantic_entropy(labels: torch.Tensor, seq_logps: torch.Tensor) -> torch.Tensor:

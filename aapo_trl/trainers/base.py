@@ -202,7 +202,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
         return loss
 
     def _unscorable_completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Global bool per row: empty completions, and truncated ones unless ``truncated_completions="score"``.
+        """Global bool per row, on the accelerator like the rewards: empty completions, and truncated ones unless
+        ``truncated_completions="score"``.
 
         Such rows carry no usable answer: like a row every reward function returned None for, they are
         left out of their group's mean/std and get advantage 0 (ALGORITHMS.md section 1).
@@ -214,7 +215,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
             empty = all(token in end_tokens for token in ids)
             truncated = not ids or ids[-1] not in end_tokens
             flags.append(empty or (truncated and truncated_unscorable))
-        return self.accelerator.gather(torch.tensor(flags, device=self.accelerator.device)).cpu()
+        return self.accelerator.gather(torch.tensor(flags, device=self.accelerator.device))
 
     # ---- hooks for subclasses ------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
 from ..configs import ZAPOConfig
+from ..devices import run_on_cpu
 from ..entropy import group_semantic_entropies, mean_pool_completion_states, sequence_mean
 from ..zapo_math import classify_zero_advantage_groups, zapo_advantages
 from .base import AdvantageTrainerMixin, ScoredBatch
@@ -73,7 +74,7 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         metrics = self._metrics[mode]
         metrics["zapo/easy_groups"].append(float(easy.sum()))
         metrics["zapo/hard_groups"].append(float(hard.sum()))
-        se = torch.full((easy.numel(),), float("nan"))
+        se = torch.full((easy.numel(),), float("nan"), device=rewards.device)
         te = torch.full_like(rewards, float("nan"))
         needs_entropy = easy | hard
         if args.use_daer and bool(needs_entropy.any()):
@@ -115,12 +116,14 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         rows_needed = needs_entropy.repeat_interleave(num_generations)
         local_needed = self._local_rows(rows_needed, scored.num_local_rows)
         seq_logps, token_entropy, embeddings = self._completion_statistics(output, local_needed)
-        seq_logps = self.accelerator.gather(seq_logps).cpu()
-        token_entropy = self.accelerator.gather(token_entropy).cpu()
-        embeddings = self.accelerator.gather(embeddings).cpu()
+        seq_logps = self.accelerator.gather(seq_logps)
+        token_entropy = self.accelerator.gather(token_entropy)
+        embeddings = self.accelerator.gather(embeddings)
         self._last_entropy_inputs = {"seq_logps": seq_logps, "token_entropy": token_entropy, "embeddings": embeddings}
 
-        se, k = group_semantic_entropies(
+        # K-Means needs the CPU: one transfer for the whole batch, SE and K back on the batch's device
+        se, k = run_on_cpu(
+            group_semantic_entropies,
             embeddings,
             seq_logps,
             num_generations,
