@@ -373,7 +373,10 @@ class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
         entropy_combine (`str`, defaults to `"mean"`): `"mean"`: E = (SE + TE) / 2, r' = log(1 + E) I (paper);
             `"sum_of_logs"` (extension): r' = (log(1 + SE) + log(1 + TE)) I.
         daer_time_schedule (`str`, defaults to `"linear_up"`): `"linear_up"` scales DAER by t / T (paper);
-            `"none"` (extension) uses 1.
+            `"none"` (extension) uses 1. T is the run's total optimizer steps: `max_steps`, else what `train()`
+            computes from the training set's length, batch, gradient accumulation, `steps_per_generation`,
+            `num_iterations` and `num_train_epochs`. `evaluate()` before `train()` uses that same planned total;
+            a training set without a length (an `IterableDataset`) needs `max_steps`.
 
         > Parameters that control TDAR, difficulty reshaping of non-zero advantages (Eqs. 11-13)
 
@@ -427,7 +430,8 @@ class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     )
     daer_time_schedule: str = field(
         default="linear_up",
-        metadata={"help": "'linear_up': DAER scaled by t/T (paper); 'none' (extension): no time factor.",
+        metadata={"help": "'linear_up': DAER scaled by t/T (paper); 'none' (extension): no time factor. T: max_steps, "
+                  "else the total train() plans from the dataset, batch and epochs (evaluate() uses it too).",
                   "choices": list(TIME_SCHEDULES)},
     )
     kmeans_max_clusters: int = field(default=4, metadata={"help": "Largest K tried for the semantic entropy."})

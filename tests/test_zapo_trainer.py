@@ -143,3 +143,66 @@ def test_total_steps_must_be_known(tiny_model_path, tmp_path):
     with pytest.raises(ValueError, match="max_steps"):
         ZAPOTrainer(str(tiny_model_path), reward_funcs=[scripted_reward], args=zapo_config(tmp_path, max_steps=-1),
                     train_dataset=stream)
+
+
+def recording_total_steps(trainer):
+    """Wrap ``trainer.total_steps`` so that every T the advantage step used is recorded."""
+    seen, total_steps = [], trainer.total_steps
+
+    def recorded():
+        seen.append(total_steps())
+        return seen[-1]
+
+    trainer.total_steps = recorded
+    return seen
+
+
+EVAL_DATASET_TYPES = ["dataset", "iterable_dataset", "dataset_dict", "iterable_dataset_dict", "dict_of_dataset",
+                      "dict_of_iterable_dataset"]
+
+
+@pytest.mark.parametrize("eval_dataset_type", EVAL_DATASET_TYPES)
+def test_evaluate_with_eval_dataset_before_train(tiny_model_path, tmp_path, eval_dataset_type):
+    """TRL's test_evaluate_with_eval_dataset for ZAPO, offline: no max_steps, a sized training set, evaluate()
+    before train() with every kind of eval set. T is the total train() will plan (3 epochs of one step here)."""
+    from datasets import DatasetDict, IterableDatasetDict
+
+    streaming = "iterable" in eval_dataset_type
+    split = dataset().to_iterable_dataset() if streaming else dataset()
+    if eval_dataset_type in ("dataset", "iterable_dataset"):
+        eval_dataset = split
+    elif eval_dataset_type in ("dataset_dict", "iterable_dataset_dict"):
+        eval_dataset = (IterableDatasetDict if streaming else DatasetDict)({"data1": split, "data2": split})
+    else:
+        eval_dataset = {"data1": split, "data2": split}
+    trainer = ZAPOTrainer(str(tiny_model_path), reward_funcs=[scripted_reward], train_dataset=dataset(),
+                          args=zapo_config(tmp_path, max_steps=-1, per_device_eval_batch_size=12))
+    seen = recording_total_steps(trainer)
+    metrics = trainer.evaluate(eval_dataset=eval_dataset)
+    if eval_dataset_type in ("dataset", "iterable_dataset"):
+        assert metrics["eval_loss"] is not None
+    else:
+        assert metrics["eval_data1_loss"] is not None and metrics["eval_data2_loss"] is not None
+    # one generation batch (12 rows) holds the 3 prompts x 4 generations: 1 step per epoch, 3 epochs (TRL's default)
+    assert seen and set(seen) == {3}
+
+
+def test_evaluate_before_train_uses_the_total_steps_training_then_uses(tiny_model_path, tmp_path):
+    """Gradient accumulation, steps_per_generation, num_iterations and epochs all enter T."""
+    train_dataset = dataset().select([0, 2])  # the easy and the mixed prompt
+    config = zapo_config(tmp_path, max_steps=-1, num_train_epochs=2, per_device_train_batch_size=4,
+                         per_device_eval_batch_size=4, gradient_accumulation_steps=2, num_iterations=2)
+    assert config.steps_per_generation == 2
+    trainer = ZAPOTrainer(str(tiny_model_path), reward_funcs=[scripted_reward], args=config,
+                          train_dataset=train_dataset, eval_dataset=train_dataset)
+    seen = recording_total_steps(trainer)
+    trainer.evaluate()
+    in_evaluation = list(seen)
+    seen.clear()
+    trainer.train()
+    # an epoch: 2 prompts x 4 generations x (num_iterations 2 x steps_per_generation 2) = 32 rows, in DataLoader
+    # batches of 4 x 2 = 8 rows -> 4 batches -> 4 / gradient_accumulation 2 = 2 optimizer steps; 2 epochs -> T = 4
+    assert trainer.state.max_steps == 4
+    assert set(in_evaluation) == {4} and set(seen) == {4}
+    assert len(seen) == 2  # one generation batch per 2 optimizer steps (steps_per_generation / grad. accumulation)
+

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers.trainer_utils import has_length
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
 
@@ -33,6 +34,7 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
     _tag_names = ["trl", "grpo", "zapo"]
     _name = "ZAPO"
+    _planned_total_steps: int | None = None
 
     def __init__(self, model, reward_funcs=None, args: ZAPOConfig | None = None, *more_args, **kwargs):
         if args is None:
@@ -52,14 +54,27 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     # ---- time -----------------------------------------------------------------------------------------
 
     def total_steps(self) -> int:
-        """T of the paper: the run's total optimizer steps (Trainer's computed value, else max_steps)."""
-        total = self.state.max_steps if self.state.max_steps and self.state.max_steps > 0 else self.args.max_steps
-        if total is None or total <= 0:
+        """T of the paper: the run's total optimizer steps.
+
+        During training, the Trainer's value (``state.max_steps``). Before ``train()`` has started (``evaluate()``
+        first), the total the run plans: ``max_steps`` when set, else what ``train()`` will compute from the
+        training set's length, batch, gradient accumulation, ``steps_per_generation``, ``num_iterations`` and
+        epochs -- Trainer's own ``set_initial_training_values`` on the training DataLoader, the very call
+        ``train()`` makes, so evaluation and training use the same T.
+        """
+        if self.state.max_steps and self.state.max_steps > 0:
+            return int(self.state.max_steps)
+        if self.args.max_steps is not None and self.args.max_steps > 0:
+            return int(self.args.max_steps)
+        if self.train_dataset is None or not has_length(self.train_dataset):
             raise ValueError(
                 "ZAPO needs the total number of training steps T (t / T scales DAER and TDAR): set max_steps, "
-                "or train on a dataset with a length so that the Trainer can compute it."
+                "or give the trainer a training dataset with a length so that the Trainer can compute it."
             )
-        return int(total)
+        if self._planned_total_steps is None:
+            *_, max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())
+            self._planned_total_steps = int(max_steps)
+        return self._planned_total_steps
 
     def current_step(self) -> int:
         """t of the paper: the optimizer step being computed, counted from 1 (so t / T reaches 1 at the end)."""
