@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_map as _tree_map
 
 ACCELERATOR = torch.device("privateuseone", 0)
 
@@ -44,6 +45,11 @@ class DeviceMixingError(RuntimeError):
 
 class OnAccelerator(torch.Tensor):
     """A CPU tensor that :class:`SecondDevice` treats as living on ``ACCELERATOR``."""
+
+
+def tree_map(fn, tree):
+    """``tree_map`` that leaves ``torch.Size`` alone (pytree would turn it into a plain tuple)."""
+    return _tree_map(fn, tree, is_leaf=lambda value: isinstance(value, torch.Size))
 
 
 def _plain(value):
