@@ -203,10 +203,10 @@ def base_config(args, output_dir: Path) -> dict:
         # the tiny random model rarely emits EOS: score its truncated completions so groups keep their kinds
         truncated_completions="score",
     )
-    if args.device == "cuda":
-        values.update(bf16=True, model_init_kwargs={"dtype": "bfloat16", "attn_implementation": "sdpa"})
-    else:
-        values.update(bf16=False, use_cpu=True, model_init_kwargs={"dtype": "float32"})
+    bf16 = args.dtype == "bfloat16"
+    values.update(bf16=bf16, model_init_kwargs={"dtype": args.dtype, "attn_implementation": "sdpa"})
+    if args.device == "cpu":
+        values.update(use_cpu=True)
     return values
 
 
@@ -279,8 +279,7 @@ def build_cache(args, model_path: Path, dataset, output_dir: Path) -> Path:
     from aapo_trl.models import load_model_and_tokenizer
     from aapo_trl.ref_rollouts import build_ref_rollouts
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    model, tokenizer = load_model_and_tokenizer(model_path, dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
     model.to(args.device)
     cache_dir = output_dir / "ref_rollouts"
     build_ref_rollouts(dataset, cache_dir, num_generations=NUM_GENERATIONS, reward_funcs=[smoke_reward],
@@ -362,7 +361,7 @@ def run_variant(name: str, args, model_path: Path, work_dir: Path) -> dict:
             reference_after = reference_snapshot(trainer, probe)
             reference_drift = (reference_after["logits"] - reference_before["logits"]).abs().max().item()
             policy_drift = (policy_logits(trainer, probe) - policy_before).abs().max().item()
-            tolerance = 0.0 if args.device == "cpu" else args.reference_atol
+            tolerance = 0.0 if args.device == "cpu" and args.dtype == "float32" else args.reference_atol
             result["reference_logits_max_abs_change"] = reference_drift
             result["policy_logits_max_abs_change"] = policy_drift
             checks["reference_logits_unchanged"] = reference_drift <= tolerance
@@ -429,7 +428,10 @@ def parse_args(argv=None):
                         "kernels may reorder sums); on the CPU the logits must be identical")
     parser.add_argument("--budget-s", type=float, default=360.0,
                         help="variants not started after this many seconds are reported as not run")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="weights and bf16 mixed precision (default: bfloat16 on cuda, float32 on the CPU)")
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.max_completion_length < 1:
@@ -441,7 +443,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     out = args.out or default_out()
     started = time.perf_counter()
-    verdict: dict = {"kit": "benchmarks/gpu_smoke.py", "device": args.device, "steps": args.steps,
+    verdict: dict = {"kit": "benchmarks/gpu_smoke.py", "device": args.device, "dtype": args.dtype, "steps": args.steps,
                      "max_completion_length": args.max_completion_length, "variants": {}, "passed": False}
     try:
         import torch

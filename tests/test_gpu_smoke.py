@@ -36,43 +36,61 @@ def profiling_restored(monkeypatch):
     monkeypatch.setattr(profiling.ProfilingContext, "_log_metrics", profiling.ProfilingContext._log_metrics)
 
 
-@pytest.mark.slow
-def test_the_kit_runs_every_variant_end_to_end_on_the_cpu(tiny_model_path, tmp_path, kit):
+def run_kit(tmp_path, *arguments) -> dict:
+    """Run the kit as CI would (a subprocess, this checkout's aapo_trl) and return its verdict, checked passed."""
     out = tmp_path / "verdict.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.pop("OUT", None)
-    completed = subprocess.run(
-        [sys.executable, str(KIT), "--device", "cpu", "--out", str(out), "--model", str(tiny_model_path),
-         "--max-completion-length", "6"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
-    )
+    completed = subprocess.run([sys.executable, str(KIT), "--device", "cpu", "--out", str(out), *arguments],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert out.is_file(), completed.stdout[-3000:] + completed.stderr[-3000:]
     verdict = json.loads(out.read_text())
     failed = {name: result.get("error") or result.get("checks") for name, result in verdict["variants"].items()
               if not result["passed"]}
     assert completed.returncode == 0 and verdict["passed"], (failed, verdict.get("error"), completed.stderr[-3000:])
     assert "verdict: PASS" in completed.stdout
-
     assert verdict["device"] == "cpu" and verdict["steps"] == 2
     assert verdict["environment"]["pins_unmet"] == [] and verdict["environment"]["versions"]["trl"] == "1.16.0"
-    assert list(verdict["variants"]) == list(kit.VARIANTS)
+    return verdict
+
+
+def check_variants(verdict: dict, dtype: str) -> None:
+    """What every variant's verdict must show, beyond ``passed``: the numbers the checks were made of."""
     for name, result in verdict["variants"].items():
         assert len(result["losses"]) == 2 and all(math.isfinite(loss) for loss in result["losses"]), name
         assert len(result["step_times_s"]) == 2 and all(t > 0 for t in result["step_times_s"]), name
         assert result["checks"]["losses_finite"] and result["checks"]["policy_on_device"], name
-        assert result["policy_device"] == "cpu" and result["policy_dtype"] == "torch.float32", name
+        assert result["policy_device"] == "cpu" and result["policy_dtype"] == f"torch.{dtype}", name
+        if name in ("aapo_frozen", "aapo_peft"):
+            assert result["reference_logits_max_abs_change"] == 0.0, name  # exactly, on the CPU
+            assert result["policy_logits_max_abs_change"] > 1e-2, name  # while the policy did move
+        if name == "aapo_frozen":
+            assert result["reference_kind"] == "frozen_copy" and result["checks"]["reference_fingerprint_unchanged"]
+        if name == "aapo_cache":
+            assert result["reference_kind"] == "cache"
+        if name.startswith("zapo"):
+            zapo = result["zapo"]
+            assert zapo["entropy_forwards"] >= 2 and all(groups > 0 for groups in zapo["zero_advantage_groups"])
+            assert len(zapo["te_mean"]) == 2 and all(math.isfinite(te) for te in zapo["te_mean"])
+        if name == "zapo_greso":
+            assert len(result["greso_skip_rate"]) == 2
 
-    frozen, peft = verdict["variants"]["aapo_frozen"], verdict["variants"]["aapo_peft"]
-    assert frozen["reference_kind"] == "frozen_copy" and frozen["checks"]["reference_fingerprint_unchanged"]
-    for result in (frozen, peft):
-        assert result["reference_logits_max_abs_change"] == 0.0  # exactly, on the CPU
-        assert result["policy_logits_max_abs_change"] > 1e-3  # while the policy did move
-    assert verdict["variants"]["aapo_cache"]["reference_kind"] == "cache"
-    for name in ("zapo", "zapo_greso"):
-        zapo = verdict["variants"][name]["zapo"]
-        assert zapo["entropy_forwards"] >= 2 and all(groups > 0 for groups in zapo["zero_advantage_groups"])
-        assert len(zapo["te_mean"]) == 2 and all(math.isfinite(te) for te in zapo["te_mean"])
-    assert len(verdict["variants"]["zapo_greso"]["greso_skip_rate"]) == 2
+
+@pytest.mark.slow
+def test_the_kit_runs_every_variant_end_to_end_on_the_cpu(tiny_model_path, tmp_path, kit):
+    verdict = run_kit(tmp_path, "--model", str(tiny_model_path), "--max-completion-length", "6")
+    assert verdict["dtype"] == "float32" and list(verdict["variants"]) == list(kit.VARIANTS)
+    check_variants(verdict, "float32")
+
+
+@pytest.mark.slow
+def test_the_kit_runs_in_bf16_on_the_cpu(tiny_model_path, tmp_path):
+    """The GPU run's dtype, where the CPU has it: the frozen copy, the adapters and ZAPO's K-Means in bf16."""
+    variants = ["aapo_frozen", "aapo_peft", "zapo_greso"]
+    verdict = run_kit(tmp_path, "--model", str(tiny_model_path), "--max-completion-length", "4", "--dtype",
+                      "bfloat16", "--variants", *variants)
+    assert verdict["dtype"] == "bfloat16" and list(verdict["variants"]) == variants
+    check_variants(verdict, "bfloat16")
 
 
 def _cpu_args(kit, *more):
