@@ -5,7 +5,7 @@
 
 On a lent GPU machine run it through ``benchmarks/gpu_smoke.sh`` (it installs the carried wheels first;
 docs/GPU_SMOKE.md gives the exact ``run`` call). ``--device cpu`` runs every code path but the device
-itself (fp32 instead of bf16): CI does so in ``tests/test_gpu_smoke.py``.
+itself (in float32, or bf16 with ``--dtype bfloat16``): CI does both in ``tests/test_gpu_smoke.py``.
 
 Every variant builds a fresh trainer on the tiny random Llama (:func:`aapo_trl.models.ensure_tiny_model`,
 loaded by TRL from its path, as ``aapo-trl train`` does on accelerators) and runs ``trainer.train()`` for
@@ -27,14 +27,14 @@ zapo_greso      ZAPOTrainer + GRESO pre-rollout filtering
 ==============  ==========================================================================================
 
 On ``cuda`` the models are loaded in bfloat16 with ``bf16=True`` and SDPA attention (as every recipe in
-``examples/configs``); on ``cpu`` in float32 with ``use_cpu=True``. A variant passes when it ran its
-steps without an exception and
+``examples/configs``); on ``cpu`` in float32 with ``use_cpu=True`` (``--dtype`` overrides either). A
+variant passes when it ran its steps without an exception and
 
 * every logged loss is finite (one per step);
 * the policy's parameters sit on the requested device;
 * AAPO (frozen copy, PEFT): the reference did not move. Its logits on a fixed probe input, computed through
   the same context the reference sampler uses (``reference.generation_model``), are the same before and
-  after training (exactly on the CPU; within ``--reference-atol`` on an accelerator, bf16), its
+  after training (exactly in float32 on the CPU; within ``--reference-atol`` otherwise), its
   ``parameters_fingerprint()`` (when the reference has one) is unchanged, and the policy's logits on
   the same probe *did* move by more than ten times that tolerance (so the check has teeth);
 * AAPO (cache): the cached reference rewards reached the advantage (``aapo/ref_reward_mean`` logged, finite);
@@ -48,7 +48,8 @@ The verdict (``--out``; default ``$OUT/gpu_smoke.json`` when ``$OUT`` is set, el
 and per variant: ``passed``, the losses, the step times, the checks with their numbers, the peak device
 memory and the error text (traceback) if any; then ``passed`` overall. The exit code is 0 when everything
 passed, 1 otherwise. Variants still waiting when ``--budget-s`` has passed are reported as not run
-(a failure): the kit must finish inside one ``run`` call.
+(a failure): the kit must finish inside one ``run`` call. A CUDA device-side error poisons the process, so
+the variants after one fail with the same error: rerun the others with ``--variants``.
 """
 
 from __future__ import annotations
@@ -338,6 +339,7 @@ def run_variant(name: str, args, model_path: Path, work_dir: Path) -> dict:
     started = time.perf_counter()
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    trainer = None
     try:
         trainer = make_trainer(name, args, model_path, work_dir / name, recorder)
         checks = result["checks"]
@@ -390,11 +392,13 @@ def run_variant(name: str, args, model_path: Path, work_dir: Path) -> dict:
             result["greso_skip_rate"] = skip_rates
             checks["greso_recorded_every_step"] = len(skip_rates) == args.steps
         result["passed"] = all(checks.values())
-        del trainer
     except Exception as error:  # noqa: BLE001 - the verdict must say what failed, then go on
         result["error"] = f"{type(error).__name__}: {error}"
         result["traceback"] = traceback.format_exc()
         result["step_times_s"] = recorder.step_times
+        if trainer is not None:  # the steps that did run
+            result["losses"] = _logged(trainer, "loss")
+    trainer = None
     result["wall_s"] = round(time.perf_counter() - started, 2)
     if args.device == "cuda":
         result["peak_device_memory_gb"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
