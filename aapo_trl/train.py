@@ -23,7 +23,7 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_dataset_mixture
-from .hub import render_recipe
+from .model_card import render_recipe as render_recipe_with_defaults
 from .models import load_model_and_tokenizer, resolve_model_path
 from .rewards import get_reward_funcs
 
@@ -83,6 +83,20 @@ EMBEDDED_DEFAULTS = {
 EMBEDDED_DEFAULTS_BY_ALGORITHM = {"zapo": {"reward_funcs": ["final_number_zapo"]}}
 
 
+def embedded_defaults(algorithm: str | None = None) -> dict:
+    """The embedded default's fields for ``algorithm`` (its ``output_dir`` named after the algorithm)."""
+    defaults = dict(EMBEDDED_DEFAULTS, **EMBEDDED_DEFAULTS_BY_ALGORITHM.get(algorithm or "", {}))
+    if algorithm:
+        defaults["output_dir"] = defaults["output_dir"].format(algorithm=algorithm)
+    return defaults
+
+
+def render_recipe(parsed, argv: list[str], algorithm: str | None = None) -> str:
+    """The recipe a run used, as YAML text (:func:`aapo_trl.model_card.render_recipe`), a run without
+    ``--config`` starting from :func:`embedded_defaults`. Re-exported by :mod:`aapo_trl.hub`."""
+    return render_recipe_with_defaults(parsed, argv, algorithm, defaults=embedded_defaults(algorithm))
+
+
 def build_parser(algorithm: str) -> TrlParser:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
@@ -95,9 +109,7 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(algorithm)
     if "--config" not in argv:
-        defaults = dict(EMBEDDED_DEFAULTS, **EMBEDDED_DEFAULTS_BY_ALGORITHM.get(algorithm, {}))
-        defaults["output_dir"] = defaults["output_dir"].format(algorithm=algorithm)
-        argv = [item for key, value in defaults.items() for item in _as_cli(key, value)] + argv
+        argv = [item for key, value in embedded_defaults(algorithm).items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
         argv += ["--bf16", "false", "--use_cpu", "true", "--activation_checkpointing", "false"]
     try:

@@ -31,7 +31,7 @@ from ..advantages import (
 )
 from ..checkpointing import mark_checkpoint_complete, resolve_resume_checkpoint
 from ..configs import CE_LOSS_TYPES
-from ..hub import ModelCardMixin
+from ..model_card import ModelCardMixin
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
 
