@@ -10,7 +10,9 @@ and the row is left out instead of being rewarded.
 Where the values come from:
 
 - ``accuracy``: the AAPO paper's accuracy reward (Appendix C.1: 1 correct, 0 otherwise), graded by
-  math-verify the way open-r1 / TRL do (boxed answer first, anchored extraction).
+  math-verify the way open-r1 / TRL do (boxed answer first, anchored extraction). A response without a
+  boxed answer but with DAPO-Math's ``Answer: ...`` line is graded as DAPO's recipe grades it (verl's
+  ``math_dapo``: the normalised answer string must equal the normalised gold; nothing is evaluated).
 - ``format``: the AAPO paper's format reward (Appendix C.1, the open-rs recipe): 1 when the response
   contains the delimiter ``"\\n</think>\\n"``.
 - ``tag_count``: open-r1's ``tag_count_reward`` (0.25 per tag that appears exactly once).
@@ -162,21 +164,67 @@ def _parse_gold(gold: str) -> tuple:
     return ()
 
 
-_ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-"""DAPO-Math-17k's prompt asks for the final answer on its own line, ``Answer: 42`` (DAPO / verl math_dapo)."""
+# --------------------------------------------------------------------------- DAPO's ``Answer:`` line
+
+# DAPO-Math-17k's prompt asks for a last line ``Answer: 42`` instead of a boxed answer. DAPO's recipe scores
+# that line with verl's ``math_dapo`` reward: the last ``Answer:`` match within the response's last 300
+# characters, normalised (Minerva's final-answer normalisation) and compared as a string with the normalised
+# gold. An unevaluated ``Answer: 6+8`` therefore does not match 14. What follows re-implements that scorer.
+DAPO_ANSWER = re.compile(r"answer\s*:\s*([^\n]+)", re.IGNORECASE)
+DAPO_ANSWER_WINDOW = 300
+"""verl's math_dapo looks for the ``Answer:`` line in the last 300 characters of the response only."""
+
+# Applied in this order to the text after the last "=": plain replacements, then words and markup dropped.
+_DAPO_REPLACEMENTS = (
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+)
+_DAPO_DROPPED = (
+    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue", "points",
+    "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges", "students",
+    "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3",
+    "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
+)
+_DAPO_UNWRAPPED = ("text", "textbf", "overline")  # \text{x} -> x (first closing brace)
+
+
+def normalize_dapo_answer(answer: str) -> str:
+    """A final answer as DAPO's verl reward (``math_dapo.normalize_final_answer``) normalises it.
+
+    Keeps what follows the last ``=``, drops spaces, units and text markup, keeps the first ``$...$``
+    span, unwraps ``\\text{}``, ``\\textbf{}``, ``\\overline{}`` and ``\\boxed{}``, expands the
+    shorthands ``\\frac12`` and ``\\sqrt2``, and removes thousands separators from an integer. It does not
+    evaluate anything: ``6+8`` stays ``6+8`` and ``\\frac{1}{2}`` is not ``1/2``.
+    """
+    text = answer.split("=")[-1]
+    for old, new in _DAPO_REPLACEMENTS:
+        text = text.replace(old, new)
+    for dropped in _DAPO_DROPPED:
+        text = text.replace(dropped, "")
+    text = re.sub(r".*?\$(.*?)\$.*", r"$\1$", text)  # per line: only its first $...$ span is kept
+    for command in _DAPO_UNWRAPPED:
+        text = re.sub(rf"\\{command}\{{(.*?)\}}", r"\1", text)
+    text = re.sub(r"\\boxed\{(.*)\}", r"\1", text)  # greedy: up to the last closing brace
+    text = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", text)
+    text = re.sub(r"sqrt([^{])", r"sqrt{\1}", text)
+    text = text.replace("$", "")
+    if text.replace(",", "").isdigit():
+        text = text.replace(",", "")
+    return text.strip()
+
+
+def _dapo_answer_line(text: str) -> str | None:
+    """The last ``Answer:`` line of the response's last 300 characters (DAPO's extraction), or None."""
+    found = DAPO_ANSWER.findall(text[-DAPO_ANSWER_WINDOW:])
+    return found[-1] if found else None
+
+
+_BOXED_MARKERS = ("\\boxed", "\\fbox")
 
 
 def _parse_answer(text: str) -> list:
-    """Boxed (or anchored LaTeX) answer first; else the last ``Answer: ...`` line, read as a LaTeX answer."""
-    parsed = parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
-    if parsed:
-        return parsed
-    lines = _ANSWER_LINE.findall(text)
-    if not lines:
-        return []
-    answer = lines[-1].strip().strip("$").rstrip(".")
-    return parse(f"\\boxed{{{answer}}}", _ANSWER_CONFIG, extraction_mode="first_match",
-                 parsing_timeout=PARSING_TIMEOUT_S)
+    """math-verify's reading of the answer: a boxed answer first, else LaTeX after an anchor."""
+    return parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
 
 
 def _gold_text(solution: Any) -> str | None:
@@ -188,10 +236,16 @@ def _gold_text(solution: Any) -> str | None:
 
 
 def _grade(text: str, solution: Any) -> _Grade:
+    """Boxed answers (and anchored LaTeX) by math-verify; a response without a box but with DAPO's
+    ``Answer:`` line by DAPO's own scorer (normalised string match, :func:`normalize_dapo_answer`)."""
     gold_text = _gold_text(solution)
     gold = _parse_gold(gold_text) if gold_text is not None else ()
     if not gold:
         return _Grade.UNSCORABLE
+    answer_line = None if any(marker in text for marker in _BOXED_MARKERS) else _dapo_answer_line(text)
+    if answer_line is not None:
+        correct = normalize_dapo_answer(answer_line) == normalize_dapo_answer(gold_text)
+        return _Grade.CORRECT if correct else _Grade.WRONG
     answer = _parse_answer(text)
     if not answer:
         return _Grade.NO_ANSWER
@@ -242,6 +296,8 @@ def accuracy_reward(completions: Sequence, solution: Sequence | None = None, **k
     anchor, so restating "6 + 8" does not score for gold 14 (TESTBED.md). A verification error gives 0.0.
     An answer equal to the gold as an expression does score (``\\boxed{6 + 8}`` for 14): on arithmetic,
     where that restates the question, ``final_number`` is the reward that cannot be gamed this way.
+    Without a boxed answer, an ``Answer: ...`` line (DAPO-Math's format) is compared as a normalised string
+    (:func:`normalize_dapo_answer`), as DAPO's own scorer does: ``Answer: 6+8`` is wrong for 14.
     """
     values = {_Grade.CORRECT: 1.0, _Grade.WRONG: 0.0, _Grade.NO_ANSWER: 0.0, _Grade.UNSCORABLE: None}
     return [values[g] for g in _grades(completions, solution, "accuracy")]
@@ -462,6 +518,7 @@ __all__ = [
     "get_reward_funcs",
     "make_accuracy_zapo_reward",
     "make_cosine_reward",
+    "normalize_dapo_answer",
     "tag_count_reward",
 ]
 
