@@ -18,8 +18,10 @@ Where the values come from:
 - ``tag_count``: open-r1's ``tag_count_reward`` (0.25 per tag that appears exactly once).
 - ``cosine``: the cosine length-scaled reward of the AAPO paper (Appendix C.1, Eqs. 9-10) with open-r1's
   defaults, with progress clipped to [0, 1] (the authors' code does not clip; see ALGORITHMS.md section 2).
+  Its values, ``max_len`` and length unit are the config fields ``cosine_*`` (open-r1's / open-rs's names).
 - ``accuracy_zapo``: the ZAPO paper's reward, 1 correct / 0.1 wrong, and 0 when no answer can be
-  extracted (as in GRESO's code; ALGORITHMS.md section 3).
+  extracted (as in GRESO's code; ALGORITHMS.md section 3); the config fields ``correct_reward`` /
+  ``incorrect_reward`` set the first two.
 - ``final_number``: the last number in the completion equals the gold number (TESTBED.md, "Rewards on
   arithmetic"), for the built-in arithmetic dataset.
 
@@ -323,19 +325,31 @@ def tag_count_reward(completions: Sequence, **kwargs) -> list[float]:
     return [0.25 * sum(text.count(tag) == 1 for tag in TAG_COUNT_TAGS) for text in texts]
 
 
+COSINE_LENGTH_UNITS = ("tokens", "characters")
+"""What the cosine reward's ``max_len`` counts: completion tokens, or characters as open-r1 / open-rs do."""
+
+
 class _CosineReward:
     """Callable, not a closure, so that it pickles (TRL may send reward functions to another process)."""
 
     def __init__(self, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit):
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}.")
-        if length_unit not in ("tokens", "chars"):
-            raise ValueError(f"length_unit must be 'tokens' or 'chars', got {length_unit!r}.")
+        if length_unit not in COSINE_LENGTH_UNITS:
+            raise ValueError(f"length_unit must be one of {COSINE_LENGTH_UNITS}, got {length_unit!r}.")
         self.__name__ = "cosine"
         self.required_columns = GOLD_COLUMNS
         self.min_value_wrong, self.max_value_wrong = min_value_wrong, max_value_wrong
         self.min_value_correct, self.max_value_correct = min_value_correct, max_value_correct
         self.max_len, self.length_unit = max_len, length_unit
+
+    def parameters(self) -> dict[str, Any]:
+        """The arguments of :func:`make_cosine_reward` this reward was built with."""
+        return {
+            "min_value_wrong": self.min_value_wrong, "max_value_wrong": self.max_value_wrong,
+            "min_value_correct": self.min_value_correct, "max_value_correct": self.max_value_correct,
+            "max_len": self.max_len, "length_unit": self.length_unit,
+        }
 
     def value(self, correct: bool, length: int) -> float:
         """The reward of one graded completion of ``length`` units."""
@@ -380,10 +394,12 @@ def make_cosine_reward(
 
     with (v_short, v_long) = (max_value_correct, min_value_correct) for a correct answer (short correct
     answers earn more) and (min_value_wrong, max_value_wrong) for a wrong one or no answer (short wrong
-    answers are penalised more). Correctness is the ``accuracy`` check; an unparseable gold gives None.
-    ``length_unit="tokens"`` counts ``completion_ids`` (characters when they are not given), ``"chars"``
-    counts characters. The progress is clipped: the authors' code does not clip, so past max_len its
-    cosine climbs back and rewards very long completions. The function's ``__name__`` is "cosine".
+    answers are penalised more; open-rs's min_value_wrong 0.0 reverses that). Correctness is the ``accuracy``
+    check; an unparseable gold gives None. ``length_unit="tokens"`` counts ``completion_ids`` (characters when
+    they are not given), ``"characters"`` counts characters (as open-r1 / open-rs, whose code measures
+    ``len(content)``). The progress is clipped: the authors' code does not clip, so past max_len its cosine
+    climbs back and rewards very long completions. The function's ``__name__`` is "cosine". In training, the
+    config fields ``cosine_*`` set these arguments (``REWARD_SETTINGS``).
     """
     return _CosineReward(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit)
 
@@ -396,6 +412,11 @@ class _ThreeLevelReward:
         self.required_columns = GOLD_COLUMNS
         self.grader = grader
         self.values = {_Grade.CORRECT: correct, _Grade.WRONG: incorrect, _Grade.NO_ANSWER: no_answer}
+
+    def parameters(self) -> dict[str, Any]:
+        """The arguments of its ``make_*_zapo_reward`` factory this reward was built with."""
+        return {"correct": self.values[_Grade.CORRECT], "incorrect": self.values[_Grade.WRONG],
+                "no_answer": self.values[_Grade.NO_ANSWER]}
 
     def __call__(self, completions, solution=None, **kwargs) -> list[float | None]:
         return [self.values.get(g) for g in self.grader(completions, solution, self.__name__)]
@@ -492,8 +513,69 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
 }
 
 
-def get_reward_funcs(names: list[str] | str) -> list[RewardFunc]:
-    """The registered reward functions for ``names`` (a list, or one name / comma-separated names)."""
+REWARD_SETTINGS: dict[str, tuple[Callable[..., RewardFunc], dict[str, str]]] = {
+    "cosine": (make_cosine_reward, {
+        "cosine_min_value_wrong": "min_value_wrong",
+        "cosine_max_value_wrong": "max_value_wrong",
+        "cosine_min_value_correct": "min_value_correct",
+        "cosine_max_value_correct": "max_value_correct",
+        "cosine_max_len": "max_len",
+        "cosine_length_unit": "length_unit",
+    }),
+    "accuracy_zapo": (make_accuracy_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}),
+    "final_number_zapo": (
+        make_final_number_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}
+    ),
+}
+"""The registered rewards that take parameters: their factory, and which config field sets which argument.
+
+The fields are those of ``aapo_trl.configs.RewardArguments`` (in every aapo-trl config), named as open-r1 /
+open-rs name their script arguments (``cosine_max_len``, ...) and as ZAPOConfig names its reward values.
+"""
+
+
+def build_reward(name: str, settings: Any = None) -> RewardFunc:
+    """The registered reward ``name``, built from ``settings`` (a config, or any object with the fields of
+    :data:`REWARD_SETTINGS`) when it takes parameters; fields ``settings`` lacks keep the factory's default."""
+    if name not in REWARD_REGISTRY:
+        known = ", ".join(sorted(REWARD_REGISTRY))
+        raise ValueError(f"Unknown reward function {name!r}; known: {known}.")
+    if settings is None or name not in REWARD_SETTINGS:
+        return REWARD_REGISTRY[name]
+    factory, fields = REWARD_SETTINGS[name]
+    return factory(**{argument: getattr(settings, f) for f, argument in fields.items() if hasattr(settings, f)})
+
+
+def check_reward_settings(func: Any, settings: Any) -> None:
+    """A parametrised reward passed as a function must have the values its config fields state.
+
+    Otherwise the config (and the recipe written into the model card) would describe a reward that is not
+    the one trained with. Raises a ValueError naming each field that differs.
+    """
+    name = getattr(func, "__name__", None)
+    if settings is None or name not in REWARD_SETTINGS or not hasattr(func, "parameters"):
+        return
+    _, fields = REWARD_SETTINGS[name]
+    actual = func.parameters()
+    differing = [
+        f"{f}={getattr(settings, f)!r} (the function has {argument}={actual[argument]!r})"
+        for f, argument in fields.items()
+        if hasattr(settings, f) and argument in actual and actual[argument] != getattr(settings, f)
+    ]
+    if differing:
+        raise ValueError(
+            f"the reward function {name!r} was built with other values than the config states: {'; '.join(differing)}. "
+            f"Pass the name {name!r} in reward_funcs to build it from the config, or set these config fields to the "
+            "function's values."
+        )
+
+
+def get_reward_funcs(names: list[str] | str, settings: Any = None) -> list[RewardFunc]:
+    """The registered reward functions for ``names`` (a list, or one name / comma-separated names).
+
+    Rewards that take parameters (:data:`REWARD_SETTINGS`) are built from ``settings``, e.g. the training
+    config; without it they have their defaults.
+    """
     if isinstance(names, str):
         names = [name.strip() for name in names.split(",") if name.strip()]
     if not names:
@@ -502,16 +584,20 @@ def get_reward_funcs(names: list[str] | str) -> list[RewardFunc]:
     if unknown:
         known = ", ".join(sorted(REWARD_REGISTRY))
         raise ValueError(f"Unknown reward function(s) {', '.join(map(repr, unknown))}; known: {known}.")
-    return [REWARD_REGISTRY[name] for name in names]
+    return [build_reward(name, settings) for name in names]
 
 
 __all__ = [
+    "COSINE_LENGTH_UNITS",
     "PARSING_TIMEOUT_S",
     "REWARD_REGISTRY",
+    "REWARD_SETTINGS",
     "TAG_COUNT_TAGS",
     "THINK_CLOSE",
     "VERIFY_TIMEOUT_S",
     "accuracy_reward",
+    "build_reward",
+    "check_reward_settings",
     "completion_text",
     "final_number_reward",
     "format_reward",

@@ -218,7 +218,7 @@ def test_cosine_is_monotone_in_length():
 def test_cosine_in_characters_and_custom_values():
     reward = make_cosine_reward(
         min_value_wrong=-2.0, max_value_wrong=0.0, min_value_correct=1.0, max_value_correct=3.0, max_len=20,
-        length_unit="chars",
+        length_unit="characters",
     )
     assert reward.__name__ == "cosine"
     right, wrong = "\\boxed{14}", "\\boxed{15}"  # 10 characters: half of max_len
