@@ -564,9 +564,9 @@ def check_reward_settings(func: Any, settings: Any) -> None:
     ]
     if differing:
         raise ValueError(
-            f"the reward function {name!r} was built with other values than the config states: {'; '.join(differing)}. "
-            f"Pass the name {name!r} in reward_funcs to build it from the config, or set these config fields to the "
-            "function's values."
+            f"the reward function {name!r} was built with other values than the config states: "
+            f"{'; '.join(differing)}. Pass the name {name!r} in reward_funcs to build it from the config, or set "
+            "these config fields to the function's values."
         )
 
 
