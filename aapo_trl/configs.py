@@ -7,11 +7,13 @@ default and say so.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
 
 from .advantages import PAIRINGS
+from .rewards import COSINE_LENGTH_UNITS
 from .zapo_math import DIFFICULTY_KINDS, ENTROPY_COMBINES, TIME_SCHEDULES, check_zapo_options
 
 CE_LOSS_TYPES = ("aapo", "gpg")
@@ -100,7 +102,86 @@ class RobustnessArguments:
 
 
 @dataclass
-class GRPOBaselineConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
+class RewardArguments:
+    """Parameters of the named rewards (``reward_funcs: [cosine]``, ``accuracy_zapo``...), in every aapo-trl config.
+
+    A reward named in ``reward_funcs`` is built from these fields (``aapo_trl.rewards.REWARD_SETTINGS``), so a
+    recipe or the command line sets them; a reward passed as a function must have the same values. The cosine
+    fields are open-r1's / open-rs's script arguments, with open-r1's defaults.
+    """
+
+    cosine_max_len: int = field(
+        default=1000,
+        metadata={"help": "cosine reward: the length (in cosine_length_unit) at which the cosine reaches its long-end "
+                  "value; longer completions keep it (progress clipped at 1). open-r1 / open-rs: 1000."},
+    )
+    cosine_min_value_wrong: float = field(
+        default=-1.0,
+        metadata={"help": "cosine reward of a wrong answer (or none) of length 0. open-r1: -1.0; open-rs, whose code "
+                  "AAPO's authors ran: 0.0."},
+    )
+    cosine_max_value_wrong: float = field(
+        default=-0.5, metadata={"help": "cosine reward of a wrong answer (or none) at cosine_max_len and beyond."}
+    )
+    cosine_min_value_correct: float = field(
+        default=0.5, metadata={"help": "cosine reward of a correct answer at cosine_max_len and beyond."}
+    )
+    cosine_max_value_correct: float = field(
+        default=1.0, metadata={"help": "cosine reward of a correct answer of length 0."}
+    )
+    cosine_length_unit: str = field(
+        default="tokens",
+        metadata={"help": "What cosine_max_len counts: 'tokens' (completion tokens) or 'characters' (what open-r1 / "
+                  "open-rs measure, len(content)).", "choices": list(COSINE_LENGTH_UNITS)},
+    )
+    correct_reward: float = field(
+        default=1.0, metadata={"help": "accuracy_zapo / final_number_zapo: reward of a correct answer (ZAPO: 1)."}
+    )
+    incorrect_reward: float = field(
+        default=0.1,
+        metadata={"help": "accuracy_zapo / final_number_zapo: reward of a wrong but extractable answer (ZAPO: 0.1; "
+                  "no answer: 0)."},
+    )
+
+    def __post_init__(self):
+        self._validate_reward_arguments()
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+    def _validate_reward_arguments(self) -> None:
+        length = self.cosine_max_len
+        if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+            raise ValueError(f"cosine_max_len must be a positive whole number ({self.cosine_length_unit}), got {length!r}")
+        if self.cosine_length_unit not in COSINE_LENGTH_UNITS:
+            unit = self.cosine_length_unit
+            raise ValueError(f"cosine_length_unit must be one of {COSINE_LENGTH_UNITS}, got {unit!r}")
+        for name in ("cosine_min_value_wrong", "cosine_max_value_wrong", "cosine_min_value_correct",
+                     "cosine_max_value_correct", "correct_reward", "incorrect_reward"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.correct_reward <= self.incorrect_reward:
+            raise ValueError(
+                f"correct_reward ({self.correct_reward}) must exceed incorrect_reward ({self.incorrect_reward})"
+            )
+        if getattr(self, "greso", False):
+            _check_correctness_threshold(self, "greso_correct_threshold")
+
+
+def _check_correctness_threshold(config, threshold_field: str) -> None:
+    """A correct answer's reward must count as correct and a wrong one's must not (easy/hard groups)."""
+    threshold = getattr(config, threshold_field)
+    if config.correct_reward < threshold or config.incorrect_reward >= threshold:
+        raise ValueError(
+            f"correct_reward ({config.correct_reward}) must be >= {threshold_field} ({threshold}) and incorrect_reward "
+            f"({config.incorrect_reward}) below it: a reward >= {threshold_field} counts as a correct answer when "
+            "groups are classified as all-correct (easy) or no-correct (hard). Change the reward values or the "
+            "threshold together."
+        )
+
+
+@dataclass
+class GRPOBaselineConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
 
     def __post_init__(self):
@@ -109,7 +190,7 @@ class GRPOBaselineConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
 
 
 @dataclass
-class AAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
+class AAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
 
@@ -328,7 +409,7 @@ class AAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
 
 
 @dataclass
-class GPGConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
+class GPGConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
 
@@ -356,7 +437,7 @@ class GPGConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
 
 
 @dataclass
-class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
+class ZAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the
     paper's (ZAPO, section 4 and appendix B). The TDAR coefficient is named `tdar_beta` because `beta` is TRL's KL
@@ -387,8 +468,10 @@ class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
 
         > Parameters that control rewards and the semantic-entropy clustering
 
-        correct_reward / incorrect_reward (`float`, defaults `1.0` / `0.1`): the `accuracy_zapo` reward's values.
-        correct_threshold (`float`, defaults to `0.95`): a reward >= this is "correct" (easy/hard classification).
+        correct_reward / incorrect_reward (`float`, defaults `1.0` / `0.1`): the values of the `accuracy_zapo` /
+            `final_number_zapo` rewards named in `reward_funcs` (fields of [`RewardArguments`], in every config).
+        correct_threshold (`float`, defaults to `0.95`): a reward >= this is "correct" (easy/hard classification);
+            `correct_reward` must reach it and `incorrect_reward` must stay below it.
         kmeans_max_clusters (`int`, defaults to `4`), kmeans_min_silhouette (`float`, `0.1`),
         kmeans_identical_distance (`float`, `0.02`): the K selection rule of the semantic entropy.
         entropy_forward_batch_size (`int`, *optional*): micro-batch of the extra no-grad forward pass (default: the
@@ -406,10 +489,6 @@ class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
     )
     tdar_beta: float = field(
         default=5.0, metadata={"help": "TDAR: A * (1 + sigmoid(beta * t/T * (d - 0.5))) (ZAPO Eq. 12); 5 in the paper."}
-    )
-    correct_reward: float = field(default=1.0, metadata={"help": "Reward of a correct answer (accuracy_zapo)."})
-    incorrect_reward: float = field(
-        default=0.1, metadata={"help": "Reward of a wrong but extractable answer (accuracy_zapo; 0 = no answer)."}
     )
     correct_threshold: float = field(
         default=0.95, metadata={"help": "A reward >= this counts as correct (easy/hard groups, accuracy difficulty)."}
@@ -461,3 +540,4 @@ class ZAPOConfig(RobustnessArguments, GRESOArguments, GRPOConfig):
         )
         if self.kmeans_max_clusters < 1:
             raise ValueError(f"kmeans_max_clusters must be >= 1, got {self.kmeans_max_clusters}")
+        _check_correctness_threshold(self, "correct_threshold")

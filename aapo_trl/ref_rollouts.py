@@ -774,6 +774,11 @@ def resolve_options(args: argparse.Namespace) -> dict:
             options[key] = json.loads(options[key])
     if isinstance(options.get("reward_funcs"), str):
         options["reward_funcs"] = [options["reward_funcs"]]
+    from .rewards import REWARD_SETTINGS
+
+    # the recipe's reward parameters (cosine_max_len, correct_reward...): the cache is scored as training scores
+    reward_fields = sorted({name for _, fields in REWARD_SETTINGS.values() for name in fields})
+    options["reward_settings"] = {name: recipe[name] for name in reward_fields if recipe.get(name) is not None}
     return options
 
 
@@ -794,11 +799,13 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
     options = resolve_options(args)
     from transformers import AutoTokenizer
 
+    from .configs import RewardArguments
     from .data import load_prompt_dataset
     from .models import load_model_and_tokenizer, resolve_model_path
     from .rewards import get_reward_funcs
 
-    reward_funcs = get_reward_funcs(options["reward_funcs"])  # fails on a typo before anything loads
+    reward_settings = RewardArguments(**options["reward_settings"])  # a bad value fails naming its field
+    reward_funcs = get_reward_funcs(options["reward_funcs"], reward_settings)  # fails on a typo before anything loads
     dataset = load_prompt_dataset(
         options["dataset"],
         split=options["dataset_split"],
@@ -879,6 +886,7 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
             "dataset_levels": options.get("dataset_levels"),
             "system_prompt": options.get("system_prompt"),
             "max_samples": options.get("max_samples"),
+            **({"reward_settings": options["reward_settings"]} if options["reward_settings"] else {}),
         },
         **sampling,
     )

@@ -10,14 +10,18 @@ and the row is left out instead of being rewarded.
 Where the values come from:
 
 - ``accuracy``: the AAPO paper's accuracy reward (Appendix C.1: 1 correct, 0 otherwise), graded by
-  math-verify the way open-r1 / TRL do (boxed answer first, anchored extraction).
+  math-verify the way open-r1 / TRL do (boxed answer first, anchored extraction). A response without a
+  boxed answer but with DAPO-Math's ``Answer: ...`` line is graded as DAPO's recipe grades it (verl's
+  ``math_dapo``: the normalised answer string must equal the normalised gold; nothing is evaluated).
 - ``format``: the AAPO paper's format reward (Appendix C.1, the open-rs recipe): 1 when the response
   contains the delimiter ``"\\n</think>\\n"``.
 - ``tag_count``: open-r1's ``tag_count_reward`` (0.25 per tag that appears exactly once).
 - ``cosine``: the cosine length-scaled reward of the AAPO paper (Appendix C.1, Eqs. 9-10) with open-r1's
   defaults, with progress clipped to [0, 1] (the authors' code does not clip; see ALGORITHMS.md section 2).
+  Its values, ``max_len`` and length unit are the config fields ``cosine_*`` (open-r1's / open-rs's names).
 - ``accuracy_zapo``: the ZAPO paper's reward, 1 correct / 0.1 wrong, and 0 when no answer can be
-  extracted (as in GRESO's code; ALGORITHMS.md section 3).
+  extracted (as in GRESO's code; ALGORITHMS.md section 3); the config fields ``correct_reward`` /
+  ``incorrect_reward`` set the first two.
 - ``final_number``: the last number in the completion equals the gold number (TESTBED.md, "Rewards on
   arithmetic"), for the built-in arithmetic dataset.
 
@@ -162,21 +166,67 @@ def _parse_gold(gold: str) -> tuple:
     return ()
 
 
-_ANSWER_LINE = re.compile(r"^\s*\**answer\**\s*:\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE)
-"""DAPO-Math-17k's prompt asks for the final answer on its own line, ``Answer: 42`` (DAPO / verl math_dapo)."""
+# --------------------------------------------------------------------------- DAPO's ``Answer:`` line
+
+# DAPO-Math-17k's prompt asks for a last line ``Answer: 42`` instead of a boxed answer. DAPO's recipe scores
+# that line with verl's ``math_dapo`` reward: the last ``Answer:`` match within the response's last 300
+# characters, normalised (Minerva's final-answer normalisation) and compared as a string with the normalised
+# gold. An unevaluated ``Answer: 6+8`` therefore does not match 14. What follows re-implements that scorer.
+DAPO_ANSWER = re.compile(r"answer\s*:\s*([^\n]+)", re.IGNORECASE)
+DAPO_ANSWER_WINDOW = 300
+"""verl's math_dapo looks for the ``Answer:`` line in the last 300 characters of the response only."""
+
+# Applied in this order to the text after the last "=": plain replacements, then words and markup dropped.
+_DAPO_REPLACEMENTS = (
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+)
+_DAPO_DROPPED = (
+    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue", "points",
+    "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges", "students",
+    "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3",
+    "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
+)
+_DAPO_UNWRAPPED = ("text", "textbf", "overline")  # \text{x} -> x (first closing brace)
+
+
+def normalize_dapo_answer(answer: str) -> str:
+    """A final answer as DAPO's verl reward (``math_dapo.normalize_final_answer``) normalises it.
+
+    Keeps what follows the last ``=``, drops spaces, units and text markup, keeps the first ``$...$``
+    span, unwraps ``\\text{}``, ``\\textbf{}``, ``\\overline{}`` and ``\\boxed{}``, expands the
+    shorthands ``\\frac12`` and ``\\sqrt2``, and removes thousands separators from an integer. It does not
+    evaluate anything: ``6+8`` stays ``6+8`` and ``\\frac{1}{2}`` is not ``1/2``.
+    """
+    text = answer.split("=")[-1]
+    for old, new in _DAPO_REPLACEMENTS:
+        text = text.replace(old, new)
+    for dropped in _DAPO_DROPPED:
+        text = text.replace(dropped, "")
+    text = re.sub(r".*?\$(.*?)\$.*", r"$\1$", text)  # per line: only its first $...$ span is kept
+    for command in _DAPO_UNWRAPPED:
+        text = re.sub(rf"\\{command}\{{(.*?)\}}", r"\1", text)
+    text = re.sub(r"\\boxed\{(.*)\}", r"\1", text)  # greedy: up to the last closing brace
+    text = re.sub(r"frac([^{])(.)", r"frac{\1}{\2}", text)
+    text = re.sub(r"sqrt([^{])", r"sqrt{\1}", text)
+    text = text.replace("$", "")
+    if text.replace(",", "").isdigit():
+        text = text.replace(",", "")
+    return text.strip()
+
+
+def _dapo_answer_line(text: str) -> str | None:
+    """The last ``Answer:`` line of the response's last 300 characters (DAPO's extraction), or None."""
+    found = DAPO_ANSWER.findall(text[-DAPO_ANSWER_WINDOW:])
+    return found[-1] if found else None
+
+
+_BOXED_MARKERS = ("\\boxed", "\\fbox")
 
 
 def _parse_answer(text: str) -> list:
-    """Boxed (or anchored LaTeX) answer first; else the last ``Answer: ...`` line, read as a LaTeX answer."""
-    parsed = parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
-    if parsed:
-        return parsed
-    lines = _ANSWER_LINE.findall(text)
-    if not lines:
-        return []
-    answer = lines[-1].strip().strip("$").rstrip(".")
-    return parse(f"\\boxed{{{answer}}}", _ANSWER_CONFIG, extraction_mode="first_match",
-                 parsing_timeout=PARSING_TIMEOUT_S)
+    """math-verify's reading of the answer: a boxed answer first, else LaTeX after an anchor."""
+    return parse(text, _ANSWER_CONFIG, extraction_mode="first_match", parsing_timeout=PARSING_TIMEOUT_S)
 
 
 def _gold_text(solution: Any) -> str | None:
@@ -188,10 +238,16 @@ def _gold_text(solution: Any) -> str | None:
 
 
 def _grade(text: str, solution: Any) -> _Grade:
+    """Boxed answers (and anchored LaTeX) by math-verify; a response without a box but with DAPO's
+    ``Answer:`` line by DAPO's own scorer (normalised string match, :func:`normalize_dapo_answer`)."""
     gold_text = _gold_text(solution)
     gold = _parse_gold(gold_text) if gold_text is not None else ()
     if not gold:
         return _Grade.UNSCORABLE
+    answer_line = None if any(marker in text for marker in _BOXED_MARKERS) else _dapo_answer_line(text)
+    if answer_line is not None:
+        correct = normalize_dapo_answer(answer_line) == normalize_dapo_answer(gold_text)
+        return _Grade.CORRECT if correct else _Grade.WRONG
     answer = _parse_answer(text)
     if not answer:
         return _Grade.NO_ANSWER
@@ -242,6 +298,8 @@ def accuracy_reward(completions: Sequence, solution: Sequence | None = None, **k
     anchor, so restating "6 + 8" does not score for gold 14 (TESTBED.md). A verification error gives 0.0.
     An answer equal to the gold as an expression does score (``\\boxed{6 + 8}`` for 14): on arithmetic,
     where that restates the question, ``final_number`` is the reward that cannot be gamed this way.
+    Without a boxed answer, an ``Answer: ...`` line (DAPO-Math's format) is compared as a normalised string
+    (:func:`normalize_dapo_answer`), as DAPO's own scorer does: ``Answer: 6+8`` is wrong for 14.
     """
     values = {_Grade.CORRECT: 1.0, _Grade.WRONG: 0.0, _Grade.NO_ANSWER: 0.0, _Grade.UNSCORABLE: None}
     return [values[g] for g in _grades(completions, solution, "accuracy")]
@@ -267,19 +325,31 @@ def tag_count_reward(completions: Sequence, **kwargs) -> list[float]:
     return [0.25 * sum(text.count(tag) == 1 for tag in TAG_COUNT_TAGS) for text in texts]
 
 
+COSINE_LENGTH_UNITS = ("tokens", "characters")
+"""What the cosine reward's ``max_len`` counts: completion tokens, or characters as open-r1 / open-rs do."""
+
+
 class _CosineReward:
     """Callable, not a closure, so that it pickles (TRL may send reward functions to another process)."""
 
     def __init__(self, min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit):
         if max_len <= 0:
             raise ValueError(f"max_len must be positive, got {max_len}.")
-        if length_unit not in ("tokens", "chars"):
-            raise ValueError(f"length_unit must be 'tokens' or 'chars', got {length_unit!r}.")
+        if length_unit not in COSINE_LENGTH_UNITS:
+            raise ValueError(f"length_unit must be one of {COSINE_LENGTH_UNITS}, got {length_unit!r}.")
         self.__name__ = "cosine"
         self.required_columns = GOLD_COLUMNS
         self.min_value_wrong, self.max_value_wrong = min_value_wrong, max_value_wrong
         self.min_value_correct, self.max_value_correct = min_value_correct, max_value_correct
         self.max_len, self.length_unit = max_len, length_unit
+
+    def parameters(self) -> dict[str, Any]:
+        """The arguments of :func:`make_cosine_reward` this reward was built with."""
+        return {
+            "min_value_wrong": self.min_value_wrong, "max_value_wrong": self.max_value_wrong,
+            "min_value_correct": self.min_value_correct, "max_value_correct": self.max_value_correct,
+            "max_len": self.max_len, "length_unit": self.length_unit,
+        }
 
     def value(self, correct: bool, length: int) -> float:
         """The reward of one graded completion of ``length`` units."""
@@ -324,10 +394,12 @@ def make_cosine_reward(
 
     with (v_short, v_long) = (max_value_correct, min_value_correct) for a correct answer (short correct
     answers earn more) and (min_value_wrong, max_value_wrong) for a wrong one or no answer (short wrong
-    answers are penalised more). Correctness is the ``accuracy`` check; an unparseable gold gives None.
-    ``length_unit="tokens"`` counts ``completion_ids`` (characters when they are not given), ``"chars"``
-    counts characters. The progress is clipped: the authors' code does not clip, so past max_len its
-    cosine climbs back and rewards very long completions. The function's ``__name__`` is "cosine".
+    answers are penalised more; open-rs's min_value_wrong 0.0 reverses that). Correctness is the ``accuracy``
+    check; an unparseable gold gives None. ``length_unit="tokens"`` counts ``completion_ids`` (characters when
+    they are not given), ``"characters"`` counts characters (as open-r1 / open-rs, whose code measures
+    ``len(content)``). The progress is clipped: the authors' code does not clip, so past max_len its cosine
+    climbs back and rewards very long completions. The function's ``__name__`` is "cosine". In training, the
+    config fields ``cosine_*`` set these arguments (``REWARD_SETTINGS``).
     """
     return _CosineReward(min_value_wrong, max_value_wrong, min_value_correct, max_value_correct, max_len, length_unit)
 
@@ -340,6 +412,11 @@ class _ThreeLevelReward:
         self.required_columns = GOLD_COLUMNS
         self.grader = grader
         self.values = {_Grade.CORRECT: correct, _Grade.WRONG: incorrect, _Grade.NO_ANSWER: no_answer}
+
+    def parameters(self) -> dict[str, Any]:
+        """The arguments of its ``make_*_zapo_reward`` factory this reward was built with."""
+        return {"correct": self.values[_Grade.CORRECT], "incorrect": self.values[_Grade.WRONG],
+                "no_answer": self.values[_Grade.NO_ANSWER]}
 
     def __call__(self, completions, solution=None, **kwargs) -> list[float | None]:
         return [self.values.get(g) for g in self.grader(completions, solution, self.__name__)]
@@ -436,8 +513,69 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
 }
 
 
-def get_reward_funcs(names: list[str] | str) -> list[RewardFunc]:
-    """The registered reward functions for ``names`` (a list, or one name / comma-separated names)."""
+REWARD_SETTINGS: dict[str, tuple[Callable[..., RewardFunc], dict[str, str]]] = {
+    "cosine": (make_cosine_reward, {
+        "cosine_min_value_wrong": "min_value_wrong",
+        "cosine_max_value_wrong": "max_value_wrong",
+        "cosine_min_value_correct": "min_value_correct",
+        "cosine_max_value_correct": "max_value_correct",
+        "cosine_max_len": "max_len",
+        "cosine_length_unit": "length_unit",
+    }),
+    "accuracy_zapo": (make_accuracy_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}),
+    "final_number_zapo": (
+        make_final_number_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}
+    ),
+}
+"""The registered rewards that take parameters: their factory, and which config field sets which argument.
+
+The fields are those of ``aapo_trl.configs.RewardArguments`` (in every aapo-trl config), named as open-r1 /
+open-rs name their script arguments (``cosine_max_len``, ...) and as ZAPOConfig names its reward values.
+"""
+
+
+def build_reward(name: str, settings: Any = None) -> RewardFunc:
+    """The registered reward ``name``, built from ``settings`` (a config, or any object with the fields of
+    :data:`REWARD_SETTINGS`) when it takes parameters; fields ``settings`` lacks keep the factory's default."""
+    if name not in REWARD_REGISTRY:
+        known = ", ".join(sorted(REWARD_REGISTRY))
+        raise ValueError(f"Unknown reward function {name!r}; known: {known}.")
+    if settings is None or name not in REWARD_SETTINGS:
+        return REWARD_REGISTRY[name]
+    factory, fields = REWARD_SETTINGS[name]
+    return factory(**{argument: getattr(settings, f) for f, argument in fields.items() if hasattr(settings, f)})
+
+
+def check_reward_settings(func: Any, settings: Any) -> None:
+    """A parametrised reward passed as a function must have the values its config fields state.
+
+    Otherwise the config (and the recipe written into the model card) would describe a reward that is not
+    the one trained with. Raises a ValueError naming each field that differs.
+    """
+    name = getattr(func, "__name__", None)
+    if settings is None or name not in REWARD_SETTINGS or not hasattr(func, "parameters"):
+        return
+    _, fields = REWARD_SETTINGS[name]
+    actual = func.parameters()
+    differing = [
+        f"{f}={getattr(settings, f)!r} (the function has {argument}={actual[argument]!r})"
+        for f, argument in fields.items()
+        if hasattr(settings, f) and argument in actual and actual[argument] != getattr(settings, f)
+    ]
+    if differing:
+        raise ValueError(
+            f"the reward function {name!r} was built with other values than the config states: "
+            f"{'; '.join(differing)}. Pass the name {name!r} in reward_funcs to build it from the config, or set "
+            "these config fields to the function's values."
+        )
+
+
+def get_reward_funcs(names: list[str] | str, settings: Any = None) -> list[RewardFunc]:
+    """The registered reward functions for ``names`` (a list, or one name / comma-separated names).
+
+    Rewards that take parameters (:data:`REWARD_SETTINGS`) are built from ``settings``, e.g. the training
+    config; without it they have their defaults.
+    """
     if isinstance(names, str):
         names = [name.strip() for name in names.split(",") if name.strip()]
     if not names:
@@ -446,22 +584,27 @@ def get_reward_funcs(names: list[str] | str) -> list[RewardFunc]:
     if unknown:
         known = ", ".join(sorted(REWARD_REGISTRY))
         raise ValueError(f"Unknown reward function(s) {', '.join(map(repr, unknown))}; known: {known}.")
-    return [REWARD_REGISTRY[name] for name in names]
+    return [build_reward(name, settings) for name in names]
 
 
 __all__ = [
+    "COSINE_LENGTH_UNITS",
     "PARSING_TIMEOUT_S",
     "REWARD_REGISTRY",
+    "REWARD_SETTINGS",
     "TAG_COUNT_TAGS",
     "THINK_CLOSE",
     "VERIFY_TIMEOUT_S",
     "accuracy_reward",
+    "build_reward",
+    "check_reward_settings",
     "completion_text",
     "final_number_reward",
     "format_reward",
     "get_reward_funcs",
     "make_accuracy_zapo_reward",
     "make_cosine_reward",
+    "normalize_dapo_answer",
     "tag_count_reward",
 ]
 

@@ -202,7 +202,7 @@ def main(
 ) -> dict:
     """Train, save the model and a metrics summary, and return that summary."""
     started = time.time()
-    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    reward_funcs = get_reward_funcs(script_args.reward_funcs, training_args)  # cosine_*, correct_reward... fields
     if training_args.reward_weights is not None and len(training_args.reward_weights) != len(reward_funcs):
         raise ValueError(
             f"reward_weights has {len(training_args.reward_weights)} values but reward_funcs names "

@@ -13,11 +13,15 @@ from typing import Any
 
 from torch import nn
 
-from .rewards import REWARD_REGISTRY, GuardedReward
+from .rewards import REWARD_REGISTRY, GuardedReward, build_reward, check_reward_settings
 
 
-def resolve_reward_funcs(reward_funcs, on_error: str = "error"):
+def resolve_reward_funcs(reward_funcs, on_error: str = "error", settings=None):
     """Registry names become our reward functions; plain Python reward functions get a :class:`GuardedReward`.
+
+    ``settings`` (the trainer's config): a name of a reward with parameters (``"cosine"``, ``"accuracy_zapo"``...)
+    is built from its fields (``cosine_max_len``, ``correct_reward``...), and such a reward given as a function
+    must have the values those fields state (else a ValueError names the fields).
 
     A string that is neither a registry name, a local folder nor a Hub id (``owner/name``: a reward
     model, loaded by TRL) is a typo: it raises with the known names. Reward models (``nn.Module``) and
@@ -30,12 +34,13 @@ def resolve_reward_funcs(reward_funcs, on_error: str = "error"):
     for func in as_list:
         if isinstance(func, str):
             if func in REWARD_REGISTRY:
-                func = REWARD_REGISTRY[func]
+                func = build_reward(func, settings)
             elif "/" not in func and not os.path.isdir(func):
                 raise ValueError(
                     f"unknown reward function {func!r}: known names are {sorted(REWARD_REGISTRY)} "
                     "(or pass a callable, a local reward-model folder or a Hub id owner/name)."
                 )
+        check_reward_settings(func.func if isinstance(func, GuardedReward) else func, settings)
         if _is_plain_callable(func) and not isinstance(func, GuardedReward):
             func = GuardedReward(func, on_error=on_error)
         resolved.append(func)

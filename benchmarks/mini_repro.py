@@ -275,7 +275,7 @@ def run_one(args) -> int:
     print(f"[{run_dir.name}] held-out before: greedy {before['greedy']:.3f}, pass@1 {before['pass@1']:.3f}", flush=True)
     trainer = entry.trainer_class(algorithm)(
         model=model,
-        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        reward_funcs=get_reward_funcs(script_args.reward_funcs, training_args),
         args=training_args,
         train_dataset=train_set,
         processing_class=tokenizer,

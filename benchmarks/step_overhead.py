@@ -312,7 +312,7 @@ def _worker(conn, spec: dict) -> None:
     model, tokenizer = entry.load_policy(model_args, training_args)
     trainer = entry.trainer_class(algorithm)(
         model=model,
-        reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        reward_funcs=get_reward_funcs(script_args.reward_funcs, training_args),
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,

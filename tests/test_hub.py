@@ -220,7 +220,7 @@ def test_push_to_hub_uploads_model_recipe_and_card(monkeypatch, tiny_model_path,
             "--push_to_hub", "true", "--hub_model_id", "someone/aapo-tiny", "--hub_token", SECRET]
     script, config, model_args = parse_args("aapo", argv)
     model, tokenizer = load_policy(model_args, config)
-    trainer = CardAAPOTrainer(model=model, reward_funcs=get_reward_funcs(script.reward_funcs), args=config,
+    trainer = CardAAPOTrainer(model=model, reward_funcs=get_reward_funcs(script.reward_funcs, config), args=config,
                               train_dataset=load_prompt_dataset(script.dataset_name), processing_class=tokenizer)
     trainer.recipe_yaml = render_recipe((script, config, model_args), argv, "aapo")
     assert [r["repo_id"] for r in hub.repos] == ["someone/aapo-tiny"] and hub.repos[0]["token"] == SECRET

@@ -218,7 +218,7 @@ def test_cosine_is_monotone_in_length():
 def test_cosine_in_characters_and_custom_values():
     reward = make_cosine_reward(
         min_value_wrong=-2.0, max_value_wrong=0.0, min_value_correct=1.0, max_value_correct=3.0, max_len=20,
-        length_unit="chars",
+        length_unit="characters",
     )
     assert reward.__name__ == "cosine"
     right, wrong = "\\boxed{14}", "\\boxed{15}"  # 10 characters: half of max_len
@@ -350,6 +350,44 @@ def test_dapo_answer_line_is_read_when_there_is_no_boxed_answer():
     accuracy, zapo = REWARD_REGISTRY["accuracy"], REWARD_REGISTRY["accuracy_zapo"]
     completions = ["Let me compute.\nAnswer: 42", "So\nAnswer: $\\frac{1}{2}$", "Answer: 41", "no answer here",
                    "Answer: 7 but \\boxed{42}"]
-    golds = ["42", "0.5", "42", "42", "42"]
+    golds = ["42", "\\frac{1}{2}", "42", "42", "42"]
     assert accuracy(completions, solution=golds) == [1.0, 1.0, 0.0, 0.0, 1.0]
     assert zapo(completions, solution=golds) == [1.0, 1.0, 0.1, 0.0, 1.0]
+
+
+def test_dapo_answer_line_is_graded_like_dapo_not_evaluated():
+    """Issue 14 part 9: DAPO's verl scorer (math_dapo) compares the normalised Answer: string with the gold;
+    it evaluates nothing, so restating the question in the Answer: line does not score."""
+    completions = ["6 + 8 is what we need.\nAnswer: 6+8", "Answer: 14", "Answer: $14$.", "So x = 14.\nAnswer: x = 14",
+                   "Answer: 14 dollars", "Answer: 1,014"]
+    golds = ["14", "14", "14", "14", "14", "1014"]
+    assert call(accuracy_reward, completions, golds) == [0.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert call(accuracy_zapo, completions[:2], golds[:2]) == [0.1, 1.0]  # an answer, but a wrong one
+
+
+def test_dapo_answer_line_fractions_follow_the_normaliser():
+    # DAPO's normaliser expands \frac12 to \frac{1}{2} but does not evaluate: \frac{1}{2} is not "1/2" or 0.5.
+    completions = ["Answer: \\frac{1}{2}", "Answer: \\frac12", "Answer: \\frac{1}{2}", "Answer: 1/2"]
+    golds = ["1/2", "\\frac{1}{2}", "\\frac{1}{2}", "1/2"]
+    assert call(accuracy_reward, completions, golds) == [0.0, 1.0, 1.0, 1.0]
+
+
+def test_boxed_answer_stays_on_math_verify_next_to_an_answer_line():
+    # A boxed answer is graded by math-verify (equivalent forms match); an Answer: line does not override it.
+    completions = ["\\boxed{\\frac{1}{2}}\nAnswer: 0.5", "\\boxed{0.5}", "Answer: 14\n\\boxed{15}"]
+    assert call(accuracy_reward, completions, ["1/2", "\\frac{1}{2}", "14"]) == [1.0, 1.0, 0.0]
+
+
+def test_dapo_answer_line_only_in_the_last_300_characters():
+    # As verl's math_dapo: the Answer: line is looked for in the response's last 300 characters.
+    early = "Answer: 14\n" + "and some more thinking. " * 20
+    assert call(accuracy_zapo, [early, "Answer: 14\n" + "x" * 280], ["14", "14"]) == [0.0, 1.0]
+
+
+def test_normalize_dapo_answer():
+    from aapo_trl.rewards import normalize_dapo_answer
+
+    cases = {"6+8": "6+8", " 14 ": "14", "$14$.": "14", "x = 14": "14", "1,000": "1000", "14 dollars": "14",
+             "\\frac12": "\\frac{1}{2}", "\\sqrt2": "\\sqrt{2}", "\\text{(A)}": "(A)", "\\boxed{7}": "7",
+             "10^\\circ": "10", "The final answer is $5$": "5"}
+    assert {text: normalize_dapo_answer(text) for text in cases} == cases

@@ -61,7 +61,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
     _last_scored: ScoredBatch | None = None
 
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
-        reward_funcs = resolve_reward_funcs(reward_funcs, on_error=getattr(args, "reward_errors", "error"))
+        on_error = getattr(args, "reward_errors", "error")
+        reward_funcs = resolve_reward_funcs(reward_funcs, on_error=on_error, settings=args)  # named rewards: from args
         funcs = reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]
         if kwargs.get("environment_factory") is None:
             validate_training_dataset(kwargs.get("train_dataset"), funcs, "train_dataset")
