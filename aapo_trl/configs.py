@@ -66,7 +66,7 @@ class GRESOArguments:
 
 
 UNSCORABLE_POLICIES = ("error", "unscorable")
-TRUNCATION_POLICIES = ("unscorable", "score")
+TRUNCATION_POLICIES = ("score", "unscorable")
 
 
 @dataclass
@@ -82,10 +82,12 @@ class RobustnessArguments:
         },
     )
     truncated_completions: str = field(
-        default="unscorable",
+        default="score",
         metadata={
-            "help": "A completion cut at max_completion_length (no EOS): 'unscorable' gives it advantage 0 and keeps it "
-            "out of its group's mean/std; 'score' scores it like any other completion (TRL's behaviour).",
+            "help": "A completion cut at max_completion_length (no EOS): 'score' (default; the papers' and TRL's "
+            "behaviour) scores it like any other completion, so an unfinished answer is penalised like a wrong one; "
+            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Empty completions "
+            "and rows every reward function returned None for are unscorable either way.",
             "choices": list(TRUNCATION_POLICIES),
         },
     )

@@ -202,7 +202,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
         return loss
 
     def _unscorable_completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Global bool per row: empty completions, and truncated ones unless ``truncated_completions="score"``.
+        """Global bool per row: empty completions, and truncated ones when ``truncated_completions="unscorable"``.
 
         Such rows carry no usable answer: like a row every reward function returned None for, they are
         left out of their group's mean/std and get advantage 0 (ALGORITHMS.md section 1).
