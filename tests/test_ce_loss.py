@@ -18,6 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 from aapo_trl.advantages import cross_entropy_policy_loss
 from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig
 from aapo_trl.trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer
+from aapo_trl.trainers.base import _without_importance_weight
 
 CE_TRAINERS = [(AAPOTrainer, AAPOConfig), (GPGTrainer, GPGConfig)]
 CE_IDS = ["aapo", "gpg"]
@@ -179,6 +180,42 @@ def test_stale_samples_without_correction_train_on_the_plain_ce_loss(tiny_model_
     trainer.train()
     assert len(probe.calls) == 2 and all("old_per_token_logps" in call["inputs"] for call in probe.calls)
     probe.assert_matches()
+
+
+def test_no_correction_drops_the_old_log_probs_but_keeps_them_for_the_off_policy_mask():
+    old, sampled = torch.full((2, 3), -1.0), torch.full((2, 3), -2.0)
+    batch = {"advantages": torch.ones(2), "old_per_token_logps": old}
+    stripped = _without_importance_weight(batch)
+    assert "old_per_token_logps" not in stripped and stripped["sampling_per_token_logps"] is old
+    assert "old_per_token_logps" in batch  # the buffered batch is left alone for the next pass
+    with_vllm = _without_importance_weight({**batch, "sampling_per_token_logps": sampled})
+    assert with_vllm["sampling_per_token_logps"] is sampled
+    on_policy = {"advantages": torch.ones(2)}
+    assert _without_importance_weight(on_policy) is on_policy
+
+
+def test_off_policy_sequence_mask_applies_to_the_ce_loss(tiny_model_path, tmp_path):
+    args = GPGConfig(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1,
+                                    off_policy_mask_threshold=-1.0))
+    trainer = GPGTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
+                         args=args)
+    dropped = []
+
+    def expected(trainer, model, inputs):
+        weights = stale_weights(trainer, model, inputs)
+        with torch.no_grad():
+            logps, _, _ = log_probs_and_entropies(trainer, model, inputs)
+        advantages = inputs["advantages"].unsqueeze(1)
+        keep = GPGTrainer.get_off_policy_mask(advantages, logps, inputs["old_per_token_logps"],
+                                              inputs["completion_mask"], -1.0)
+        dropped.append(int((keep == 0).sum()))
+        return eq4(trainer, model, inputs, token_weights=weights, token_mask=keep)
+
+    probe = LossProbe(trainer, expected)
+    trainer.train()
+    probe.assert_matches()
+    # a threshold below any mean KL on these passes: every negative-advantage sequence is dropped
+    assert all(count > 0 for count in dropped)
 
 
 @pytest.mark.parametrize("config_class", [AAPOConfig, GPGConfig], ids=CE_IDS)
