@@ -123,11 +123,11 @@ class CrossEntropyLossArguments:
         metadata={
             "help": "Samples from an older policy reach the CE losses (loss_type 'aapo'/'gpg') when "
             "gradient_accumulation_steps is not a multiple of steps_per_generation * num_iterations (e.g. "
-            "num_iterations > 1, or steps_per_generation > gradient_accumulation_steps). AAPO Eq. 4 and GPG are on-policy gradients "
-            "(no ratio) and say nothing about such samples. 'importance_weight' (default): each token's term is "
-            "weighted by pi/pi_old, detached and unclipped, so the gradient stays the on-policy one the papers "
-            "define; on-policy the weight is exactly 1. 'none': no weight (verl's GPG loss with PPO mini-batches), "
-            "a gradient biased towards the sampling policy. 'error': refuse such a configuration.",
+            "num_iterations > 1, or steps_per_generation > gradient_accumulation_steps). AAPO Eq. 4 and GPG are "
+            "on-policy gradients (no ratio) and say nothing about such samples. 'importance_weight' (default): each "
+            "token's term is weighted by pi/pi_old, detached and unclipped, so the gradient stays the on-policy one "
+            "the papers define; on-policy the weight is exactly 1. 'none': no weight (verl's GPG loss with PPO "
+            "mini-batches), a gradient biased towards the sampling policy. 'error': refuse such a configuration.",
             "choices": list(CE_OFF_POLICY_CORRECTIONS),
         },
     )
@@ -220,8 +220,9 @@ class AAPOConfig(CrossEntropyLossArguments, RobustnessArguments, GRESOArguments,
             no KL. Any TRL loss type (`"grpo"`, `"dapo"`, ...) also works with the augmented advantage.
         ce_off_policy_correction (`str`, *optional*, defaults to `"importance_weight"`):
             Stale samples in the CE loss (`gradient_accumulation_steps` not a multiple of `steps_per_generation *
-            num_iterations`, e.g. `num_iterations > 1`): `"importance_weight"` weights each token by the detached, unclipped `pi / pi_old` (exactly 1
-            on-policy), `"none"` trains on them unweighted, `"error"` refuses such a configuration.
+            num_iterations`, e.g. `num_iterations > 1`): `"importance_weight"` weights each token by the detached,
+            unclipped `pi / pi_old` (exactly 1 on-policy), `"none"` trains on them unweighted, `"error"` refuses
+            such a configuration.
     """
 
     loss_type: str = field(

@@ -226,7 +226,8 @@ def test_error_refuses_stale_samples_naming_the_fields(config_class, stale, tmp_
         config_class(**small_values(tmp_path, ce_off_policy_correction="error", **stale))
 
 
-@pytest.mark.parametrize("on_policy", [dict(), dict(num_iterations=2, steps_per_generation=1, gradient_accumulation_steps=2),
+@pytest.mark.parametrize("on_policy", [dict(),
+                                       dict(num_iterations=2, steps_per_generation=1, gradient_accumulation_steps=2),
                                        dict(steps_per_generation=2, gradient_accumulation_steps=4)])
 def test_error_accepts_on_policy_settings_and_other_loss_types(on_policy, tmp_path):
     assert GPGConfig(**small_values(tmp_path, ce_off_policy_correction="error", **on_policy))
