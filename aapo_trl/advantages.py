@@ -169,6 +169,8 @@ def cross_entropy_policy_loss(
 
     No importance ratio, no clipping, no KL. ``normalizer`` is the number of completion tokens the
     loss is averaged over (the whole batch's, in the paper). ``advantages`` is ``(B,)`` or ``(B, T)``.
+    The trainers compute it as the per-token term of TRL's loss (``trainers/base.py``); this is the
+    formula they are tested against.
     """
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)

@@ -19,9 +19,22 @@ from .zapo_math import DIFFICULTY_KINDS, ENTROPY_COMBINES, TIME_SCHEDULES, check
 CE_LOSS_TYPES = ("aapo", "gpg")
 """Loss types computed by aapo-trl itself: the token-normalised cross-entropy loss of AAPO Eq. 4 / GPG."""
 
+CE_OFF_POLICY_CORRECTIONS = ("importance_weight", "none", "error")
+
+
+def trains_on_stale_samples(config: GRPOConfig) -> bool:
+    """True when an optimizer step can use completions sampled before an earlier step of the same rollout.
+
+    That is TRL's own test for keeping the sampling policy's log-probs (``old_per_token_logps``): with
+    ``num_iterations > 1`` or ``steps_per_generation > gradient_accumulation_steps`` a generation batch outlives
+    the optimizer step it was sampled for.
+    """
+    return config.gradient_accumulation_steps % (config.steps_per_generation * config.num_iterations) != 0
+
 
 def _validate_common(config: GRPOConfig) -> None:
     config._validate_robustness()
+    config._validate_ce_loss()
     if config.loss_type in CE_LOSS_TYPES and config.beta != 0.0:
         raise ValueError(
             f"loss_type={config.loss_type!r} is the CE loss of AAPO/GPG, which has no KL term, but beta={config.beta}. "
@@ -68,7 +81,7 @@ class GRESOArguments:
 
 
 UNSCORABLE_POLICIES = ("error", "unscorable")
-TRUNCATION_POLICIES = ("unscorable", "score")
+TRUNCATION_POLICIES = ("score", "unscorable")
 
 
 @dataclass
@@ -84,10 +97,12 @@ class RobustnessArguments:
         },
     )
     truncated_completions: str = field(
-        default="unscorable",
+        default="score",
         metadata={
-            "help": "A completion cut at max_completion_length (no EOS): 'unscorable' gives it advantage 0 and keeps it "
-            "out of its group's mean/std; 'score' scores it like any other completion (TRL's behaviour).",
+            "help": "A completion cut at max_completion_length (no EOS): 'score' (default; the papers' and TRL's "
+            "behaviour) scores it like any other completion, so an unfinished answer is penalised like a wrong one; "
+            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Empty completions "
+            "and rows every reward function returned None for are unscorable either way.",
             "choices": list(TRUNCATION_POLICIES),
         },
     )
@@ -181,16 +196,53 @@ def _check_correctness_threshold(config, threshold_field: str) -> None:
 
 
 @dataclass
-class GRPOBaselineConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class CrossEntropyLossArguments:
+    """How the CE losses (``loss_type`` ``"aapo"`` / ``"gpg"``) treat stale samples, in every aapo-trl config."""
+
+    ce_off_policy_correction: str = field(
+        default="importance_weight",
+        metadata={
+            "help": "Samples from an older policy reach the CE losses (loss_type 'aapo'/'gpg') when "
+            "gradient_accumulation_steps is not a multiple of steps_per_generation * num_iterations (e.g. "
+            "num_iterations > 1, or steps_per_generation > gradient_accumulation_steps). AAPO Eq. 4 and GPG are "
+            "on-policy gradients (no ratio) and say nothing about such samples. 'importance_weight' (default): each "
+            "token's term is weighted by pi/pi_old, detached and unclipped, so the gradient stays the on-policy one "
+            "the papers define; on-policy the weight is exactly 1. 'none': no weight (verl's GPG loss with PPO "
+            "mini-batches), a gradient biased towards the sampling policy. 'error': refuse such a configuration.",
+            "choices": list(CE_OFF_POLICY_CORRECTIONS),
+        },
+    )
+
+    def _validate_ce_loss(self) -> None:
+        if self.ce_off_policy_correction not in CE_OFF_POLICY_CORRECTIONS:
+            raise ValueError(
+                f"ce_off_policy_correction must be one of {CE_OFF_POLICY_CORRECTIONS}, "
+                f"got {self.ce_off_policy_correction!r}"
+            )
+        if self.loss_type in CE_LOSS_TYPES and self.ce_off_policy_correction == "error" and trains_on_stale_samples(
+            self
+        ):
+            raise ValueError(
+                f"ce_off_policy_correction='error' but loss_type={self.loss_type!r} would train on stale samples: "
+                f"num_iterations={self.num_iterations}, steps_per_generation={self.steps_per_generation}, "
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} (on-policy needs "
+                "gradient_accumulation_steps to be a multiple of steps_per_generation * num_iterations). Change them, "
+                "or set ce_off_policy_correction='importance_weight' (or 'none')."
+            )
+
+
+@dataclass
+class GRPOBaselineConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
 
     def __post_init__(self):
         super().__post_init__()
         self._validate_robustness()
+        self._validate_ce_loss()
 
 
 @dataclass
-class AAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
 
@@ -247,14 +299,21 @@ class AAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfi
         loss_type (`str`, *optional*, defaults to `"aapo"`):
             `"aapo"`: the CE loss of AAPO Eq. 4, `-sum_i sum_t A_i log pi(o_i,t) / sum_i |o_i|`, no ratio, no clip,
             no KL. Any TRL loss type (`"grpo"`, `"dapo"`, ...) also works with the augmented advantage.
+        ce_off_policy_correction (`str`, *optional*, defaults to `"importance_weight"`):
+            Stale samples in the CE loss (`gradient_accumulation_steps` not a multiple of `steps_per_generation *
+            num_iterations`, e.g. `num_iterations > 1`): `"importance_weight"` weights each token by the detached,
+            unclipped `pi / pi_old` (exactly 1 on-policy), `"none"` trains on them unweighted, `"error"` refuses
+            such a configuration.
     """
 
     loss_type: str = field(
         default="aapo",
         metadata={
             "help": "'aapo': the CE loss of AAPO Eq. 4 (sum of A_i * log-prob over tokens, divided by the number of "
-            "completion tokens in the batch; no ratio, no clipping, no KL). Any TRL loss_type ('grpo', 'dapo', "
-            "'dr_grpo', ...) also works with the augmented advantage."
+            "completion tokens in the batch; no ratio, no clipping, no KL), computed as the per-token term of TRL's "
+            "loss so that TRL's additions (entropy bonus, top_entropy_quantile, router aux loss, ...) apply; stale "
+            "samples: see ce_off_policy_correction. Any TRL loss_type ('grpo', 'dapo', 'dr_grpo', ...) also works "
+            "with the augmented advantage."
         },
     )
     margin_clip: bool = field(
@@ -409,7 +468,7 @@ class AAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfi
 
 
 @dataclass
-class GPGConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class GPGConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
 
@@ -417,6 +476,8 @@ class GPGConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig
         loss_type (`str`, *optional*, defaults to `"gpg"`):
             `"gpg"`: the same CE loss as AAPO Eq. 4, `-sum_i sum_t A_i log pi / tokens`, with GPG's corrected
             advantage `A_i = alpha (r_i - mean) / F_norm`, `alpha = B / (B - M)`. Any TRL loss type also works.
+        ce_off_policy_correction (`str`, *optional*, defaults to `"importance_weight"`):
+            Stale samples in the CE loss (see [`AAPOConfig`]): detached, unclipped `pi / pi_old` per token.
         scale_rewards (`str`, *optional*, defaults to `"group"`):
             `F_norm`: `"group"` divides by the group std + 1e-4, `"none"` by 1.
     """
@@ -425,7 +486,8 @@ class GPGConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig
         default="gpg",
         metadata={
             "help": "'gpg': the CE loss shared with AAPO (sum of A_i * log-prob over tokens / completion tokens in the "
-            "batch) with GPG's corrected advantage. Any TRL loss_type also works."
+            "batch) with GPG's corrected advantage; stale samples: see ce_off_policy_correction. Any TRL loss_type "
+            "also works."
         },
     )
 
@@ -437,7 +499,7 @@ class GPGConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig
 
 
 @dataclass
-class ZAPOConfig(RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class ZAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
     r"""
     Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the
     paper's (ZAPO, section 4 and appendix B). The TDAR coefficient is named `tdar_beta` because `beta` is TRL's KL

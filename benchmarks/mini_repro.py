@@ -35,9 +35,10 @@ Every run (the recipe, :data:`RECIPE`; change it with the flags below or ``--tra
 
 Held-out accuracy before and after training, on the held-out problems of the same levels: greedy, and
 pass@1 over ``--eval-samples`` (4) samples at the training temperature, under the training token budget;
-a completion that hits the budget without stopping counts as wrong (as ``truncated_completions=
-"unscorable"`` treats it in training). "Before" is the base model, evaluated once per seed (the sampling
-seed) and reused by every algorithm (``DIR/base-eval-seed<S>.json``).
+a completion that hits the budget without stopping counts as wrong (in training the recipe keeps such
+completions unscorable, ``truncated_completions="unscorable"``, the setting its published runs used).
+"Before" is the base model, evaluated once per seed (the sampling seed) and reused by every algorithm
+(``DIR/base-eval-seed<S>.json``).
 
 ``results.json`` holds the recipe, the summary of ``aapo-trl train`` (reward, zero-advantage share before
 and after, all-zero batches, ...), the full log history, the per-step series (reward, training accuracy,
@@ -77,6 +78,8 @@ RECIPE = {
     "save_strategy": "no",
     "report_to": "none",
     "disable_tqdm": True,
+    # the published runs (docs/RESULTS.md) were trained when this was the default; pinned so that they reproduce
+    "truncated_completions": "unscorable",
 }
 REWARDS = {
     "zapo": (["final_number_zapo", "final_number"], [1.0, 0.0]),

@@ -17,9 +17,6 @@ CPU_ARGS = dict(
     disable_tqdm=True,
     learning_rate=1e-2,
     seed=0,
-    # the tiny random model rarely stops before max_completion_length; score its truncated completions
-    # so that the tests see non-trivial advantages (the default makes them unscorable)
-    truncated_completions="score",
 )
 
 

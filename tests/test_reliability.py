@@ -161,7 +161,7 @@ def test_truncated_and_empty_completions_and_all_none_groups_get_zero(tiny_model
     def none_for_first_prompt(completions, solution, **kwargs):
         return [None if s == "1" else float(i % 2) for i, s in enumerate(solution)]
 
-    # default policy: completions cut at max_completion_length are unscorable (the tiny model never stops in 4 tokens)
+    # opt-in policy: completions cut at max_completion_length are unscorable (the tiny model never stops in 4 tokens)
     truncating = config(ZAPOConfig, tmp_path, truncated_completions="unscorable", max_steps=2)
     trainer = ZAPOTrainer(str(tiny_model_path), reward_funcs=[none_for_first_prompt], train_dataset=prompt_dataset(2),
                           args=truncating)

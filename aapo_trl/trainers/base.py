@@ -7,12 +7,13 @@ TRL owns the loop. We take three seams, calling ``super()`` and replacing one re
 * ``_generate_and_score_completions``: after TRL has built the batch (and its own GRPO advantages),
   we compute our advantage on the *global* rewards, slice this process's rows exactly as TRL does
   (``process_index * local_rows``), and replace ``output["advantages"]`` and the completions table.
-* ``_compute_loss``: the CE loss of AAPO Eq. 4 / GPG for ``loss_type in ("aapo", "gpg")``; any other
-  loss type is TRL's.
+* ``_compute_loss``: for ``loss_type in ("aapo", "gpg")``, TRL's own loss computation with the CE loss of
+  AAPO Eq. 4 / GPG as its per-token term (see :func:`_cross_entropy_term`); any other loss type is TRL's.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,6 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import (
     combine_reward_functions,
-    cross_entropy_policy_loss,
     zero_advantage_groups,
     zero_final_advantage_groups,
 )
@@ -175,36 +175,14 @@ class AdvantageTrainerMixin(ModelCardMixin):
     def _compute_loss(self, model, inputs):
         if self.loss_type not in CE_LOSS_TYPES:
             return super()._compute_loss(model, inputs)
-        completion_mask = inputs["completion_mask"]
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
-        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-        forward_kwargs = {key: inputs[key] for key in _MULTIMODAL_KEYS if key in inputs}
-        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            inputs["completion_ids"].size(1),
-            compute_entropy=True,
-            **forward_kwargs,
-        )
-        mode = "train" if self.model.training else "eval"
-        # The paper divides by the completion tokens of the whole batch. `num_items_in_batch` counts the
-        # generation batch over all processes; DDP averages gradients over processes and the batch is
-        # split into steps_per_generation micro-batches, accumulated over the accumulation window.
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
-        if mode == "train":
-            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
-        loss = cross_entropy_policy_loss(per_token_logps, inputs["advantages"], mask, normalizer)
-        totals = self.accelerator.reduce(
-            torch.stack([(entropies * mask).sum(), mask.sum().float()]).detach(), reduction="sum"
-        )
-        self._metrics[mode]["entropy"].append((totals[0] / totals[1].clamp(min=1.0)).item())
-        return loss
+        if getattr(self.args, "ce_off_policy_correction", "importance_weight") == "none":
+            inputs = _without_importance_weight(inputs)
+        with _cross_entropy_term(self):
+            return super()._compute_loss(model, inputs)
 
     def _unscorable_completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Global bool per row, on the accelerator like the rewards: empty completions, and truncated ones unless
-        ``truncated_completions="score"``.
+        """Global bool per row, on the accelerator like the rewards: empty completions, and truncated ones when
+        ``truncated_completions="unscorable"``.
 
         Such rows carry no usable answer: like a row every reward function returned None for, they are
         left out of their group's mean/std and get advantage 0 (ALGORITHMS.md section 1).
@@ -270,18 +248,43 @@ class AdvantageTrainerMixin(ModelCardMixin):
             self._last_scored = policy_batch
 
 
-_MULTIMODAL_KEYS = (
-    "pixel_values",
-    "image_grid_thw",
-    "num_images",
-    "pixel_attention_mask",
-    "spatial_shapes",
-    "num_tiles",
-    "image_sizes",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "image_position_ids",
-)
+@contextmanager
+def _cross_entropy_term(trainer: AdvantageTrainerMixin):
+    """Let TRL's ``_compute_loss`` compute AAPO's Eq. 4 / GPG's CE loss as its per-token term.
+
+    TRL's ``"cispo"`` term is ``-min(ratio, epsilon_high).detach() * A * log pi`` with ``ratio = pi / pi_old``,
+    normalised by the completion tokens of the whole generation batch (``num_items_in_batch``), which is the
+    paper's normaliser. With the upper clip removed it is the CE loss: on-policy (no old log-probs) the ratio is
+    ``exp(log pi - log pi.detach()) == 1`` exactly, so loss and gradient are Eq. 4's; on stale samples the
+    detached, unclipped ratio is the importance weight that keeps the gradient that of the current policy
+    (``ce_off_policy_correction``). Running TRL's code keeps all it adds around the term: the MoE router aux
+    loss, the entropy bonus and its adaptive controller, the high-entropy token mask, the off-policy sequence
+    mask, the vLLM importance-sampling correction and their metrics. ``loss_type`` and ``epsilon_high`` are
+    read nowhere else during a loss computation; both are restored even if it raises, and the clip-ratio
+    metric of the borrowed branch (always 0 without a clip) is not logged.
+    """
+    loss_type, epsilon_high = trainer.loss_type, trainer.epsilon_high
+    trainer.loss_type, trainer.epsilon_high = "cispo", math.inf
+    try:
+        yield
+    finally:
+        trainer.loss_type, trainer.epsilon_high = loss_type, epsilon_high
+        for metrics in trainer._metrics.values():
+            metrics.pop("cispo_clip_ratio", None)
+
+
+def _without_importance_weight(inputs: dict) -> dict:
+    """``ce_off_policy_correction="none"``: the batch without ``old_per_token_logps``, so TRL's ratio is 1.
+
+    The off-policy sequence mask falls back to the old log-probs when vLLM gave no sampling log-probs; they
+    are handed over as such so that it still sees the drift it would have seen.
+    """
+    if inputs.get("old_per_token_logps") is None:
+        return inputs
+    inputs = dict(inputs)
+    old_per_token_logps = inputs.pop("old_per_token_logps")
+    inputs.setdefault("sampling_per_token_logps", old_per_token_logps)
+    return inputs
 
 
 class _GRESOStepCallback(TrainerCallback):
