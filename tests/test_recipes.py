@@ -35,7 +35,7 @@ GPU_KEYS = {"bf16", "use_cpu", "activation_checkpointing", "use_vllm", "dtype"}
 ALGORITHM_KEYS = {"loss_type", "beta", "epsilon", "scale_rewards", "margin_clip", "margin_clip_low",
                   "margin_clip_high", "ref_update_steps", "alpha", "tdar_beta", "correct_reward", "incorrect_reward",
                   "use_daer", "use_tdar", "use_semantic_entropy", "use_token_entropy", "greso", "greso_p_init",
-                  "output_dir"}
+                  "output_dir", "ce_off_policy_correction"}
 
 
 def algorithm_of(path: Path) -> str:
