@@ -17,7 +17,9 @@ completion (token ids) per prompt row:
   into it, the reference samples are drawn, and TRL's ``_last_loaded_step`` is reset so that the
   next policy generation pushes the policy weights back.
 * ``"cache"``: :class:`aapo_trl.ref_rollouts.CachedReference`, rewards precomputed by
-  ``aapo-trl ref-rollouts`` (nothing is sampled during training).
+  ``aapo-trl ref-rollouts`` (nothing is sampled during training). The trainer builds it itself:
+  ``ref_rollouts`` sits above this module (its sampler reuses :func:`truncate_after_eos`), so nothing
+  here imports it.
 
 Every sampler uses the policy's sampling settings (TRL's ``generation_config`` or its vLLM settings).
 Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGeneration``/``VLLMClient``.
@@ -392,15 +394,17 @@ class ColocatedVLLMReference:
 
 
 def make_reference(trainer, reference_model: torch.nn.Module | None = None):
-    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer.
+    """Pick the sampled reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer.
 
     ``reference_model``: an explicit frozen reference (already loaded) instead of the initial policy.
+    ``reference_source="cache"`` samples nothing: the trainer reads :class:`aapo_trl.ref_rollouts.CachedReference`.
     """
     source = getattr(trainer.args, "reference_source", "model")
     if source == "cache":
-        from .ref_rollouts import CachedReference
-
-        return CachedReference()
+        raise ValueError(
+            "reference_source='cache' samples no reference: use aapo_trl.ref_rollouts.CachedReference (AAPOTrainer "
+            "does)."
+        )
     if source == "vllm_server":
         return VLLMServerReference(trainer)
     dist = DistributedBackend(trainer.accelerator)

@@ -16,6 +16,7 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
+from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
 from ..reference import FrozenCopyReference, PeftBaseReference, make_reference
 from ..validation import validate_tokenizers_match
 from .base import AdvantageTrainerMixin, ScoredBatch
@@ -98,9 +99,12 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
-        self.reference = make_reference(
-            self, None if reference_model is None else _load_reference_model(reference_model, self.model)
-        )
+        if args.reference_source == "cache":
+            self.reference = CachedReference()
+        else:
+            self.reference = make_reference(
+                self, None if reference_model is None else _load_reference_model(reference_model, self.model)
+            )
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):
@@ -239,8 +243,6 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
 def _with_ref_rollouts(args: AAPOConfig, more_args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Attach the cache at ``args.ref_rollouts_path`` to the train (and eval) dataset, positional or keyword."""
-    from ..ref_rollouts import attach_ref_rollouts, load_ref_rollouts
-
     cache = load_ref_rollouts(args.ref_rollouts_path)
     more_args, kwargs = list(more_args), dict(kwargs)
     targets = [("train_dataset", True), ("eval_dataset", args.eval_reference_rollouts)]
