@@ -451,14 +451,18 @@ def test_colocate_mode_swaps_the_reference_in_and_resyncs_the_policy(tiny_model_
 def test_colocate_mode_with_peft_swaps_in_the_unmerged_base_weights(tiny_model_path, tmp_path, colocate_env):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM")
+    # a fresh LoRA (B = 0): the base is the initial policy (a trained adapter: tests/test_reference.py)
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     config = vllm_config(tmp_path, max_steps=1, use_vllm=True, vllm_mode="colocate", reference_source="vllm_colocate",
                          learning_rate=0.0)
     trainer = AAPOTrainer(str(tiny_model_path), reward_funcs=[tagged_reward], args=config,
                           train_dataset=prompt_dataset(), peft_config=lora)
     assert isinstance(trainer.reference, ColocatedVLLMReference)
     assert isinstance(trainer.reference.weights, PeftBaseReference)
+    with torch.no_grad():  # the adapter as if trained: the policy now differs from the base
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     (engine,) = FakeLLM.instances
     base = snapshot(AutoModelForCausalLM.from_pretrained(tiny_model_path))
     loads = []

@@ -61,7 +61,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     the same reward functions and weights score it. Takes the same arguments as ``GRPOTrainer``;
     ``reward_funcs`` may also name functions of :mod:`aapo_trl.rewards` (``"format"``, ``"cosine"``...).
     ``args.reference_source`` says where the reference samples come from (:mod:`aapo_trl.reference`):
-    a frozen deep copy of the initial policy or the PEFT base with adapters disabled (``"model"``), a
+    a frozen deep copy of the initial policy or the PEFT policy with its initial adapter (``"model"``), a
     second vLLM server (``"vllm_server"``), the policy's colocated vLLM engine with the reference weights
     swapped in (``"vllm_colocate"``), or rewards precomputed by ``aapo-trl ref-rollouts`` (``"cache"``).
     """
@@ -115,7 +115,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
 
     def _weights_reference(self) -> FrozenCopyReference | None:
-        """The reference whose weights live in this process (not a server's, not the adapter-free base)."""
+        """The reference whose weights live in this process (not a server's, not the PEFT policy's)."""
         weights = getattr(self.reference, "weights", self.reference)  # the colocated engine's frozen copy
         return weights if isinstance(weights, FrozenCopyReference) else None
 
