@@ -29,7 +29,9 @@ Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGenerati
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import types
 from contextlib import contextmanager
 
 import torch
@@ -43,17 +45,107 @@ logger = logging.getLogger(__name__)
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A detached, frozen deep copy of ``model`` that runs its own forward.
+    """A detached, frozen deep copy of ``model`` that runs only its own weights.
 
-    trl 1.16's ``add_fused_lm_head`` replaces ``model.forward`` by an instance attribute whose closure
-    calls the *original* model's forward; a deep copy keeps that closure, so without removing it the
-    "reference" would silently run the policy's weights.
+    trl 1.16 patches forwards on the instance: ``add_fused_lm_head`` sets ``model.forward`` to a method whose
+    closure calls the *original* model's forward, ``cast_lm_head_to_fp32`` sets ``lm_head.forward`` to a
+    function that reads the original head's weight, Liger's kernels bind their forwards to the modules.
+    ``copy.deepcopy`` rebinds a bound method's ``self`` but copies functions, closures included, as they are,
+    so the "reference" would silently run the policy's weights. Every instance-level ``forward`` and forward
+    hook of the copy is therefore rebuilt to refer to the copies of what it referred to.
     """
-    reference = copy.deepcopy(model)
-    reference.__dict__.pop("forward", None)
+    memo: dict[int, object] = {}
+    reference = copy.deepcopy(model, memo)
+    originals = {id(module) for module in model.modules()}
+    rebound = _Rebinder(memo, originals)
+    for module in reference.modules():
+        if "forward" in module.__dict__:
+            module.forward = rebound(module.__dict__["forward"])
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                hooks[key] = rebound(hook)
+        for patched in [module.__dict__.get("forward"), *module._forward_pre_hooks.values(),
+                        *module._forward_hooks.values()]:
+            if patched is not None and _refers_to(patched, originals, set()):
+                raise RuntimeError(
+                    f"the frozen reference copy of {type(module).__name__} still runs a forward patch ({patched!r}) "
+                    "bound to the policy's modules"
+                )
     reference.requires_grad_(False)
     reference.eval()
     return reference
+
+
+class _Rebinder:
+    """Rebuilds what a forward patch refers to with the deep copy's ``memo``, so that it refers to the copy.
+
+    ``copy.deepcopy`` shares functions (closures included) instead of copying them; here bound methods,
+    ``functools.partial`` and closures are rebuilt around the copies, and data in a closure that holds the
+    original modules (a list of them...) is deep-copied with the same memo. Anything else is kept as is.
+    """
+
+    def __init__(self, memo: dict[int, object], originals: set[int]):
+        self.memo, self.originals = memo, originals
+        self.done: dict[int, object] = {}
+
+    def __call__(self, value):
+        if id(value) in self.memo:
+            return self.memo[id(value)]
+        if id(value) in self.done:
+            return self.done[id(value)]
+        if isinstance(value, types.MethodType):
+            rebound = types.MethodType(self(value.__func__), self(value.__self__))
+        elif isinstance(value, functools.partial):
+            args = [self(arg) for arg in value.args]
+            rebound = functools.partial(self(value.func), *args, **{k: self(v) for k, v in value.keywords.items()})
+        elif isinstance(value, types.FunctionType) and value.__closure__:
+            self.done[id(value)] = value  # a function that refers to itself keeps doing so
+            contents = [_cell_contents(cell) for cell in value.__closure__]
+            new_contents = [content if content is _EMPTY else self(content) for content in contents]
+            if all(new is old for new, old in zip(new_contents, contents)):
+                return value
+            cells = tuple(types.CellType() if c is _EMPTY else types.CellType(c) for c in new_contents)
+            rebound = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, cells)
+            rebound.__kwdefaults__ = value.__kwdefaults__
+            rebound.__qualname__ = value.__qualname__
+            rebound.__dict__.update(value.__dict__)  # functools.wraps metadata
+        elif _refers_to(value, self.originals, set()):
+            return copy.deepcopy(value, self.memo)
+        else:
+            return value
+        self.done[id(value)] = rebound
+        return rebound
+
+
+_EMPTY = object()
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return _EMPTY
+
+
+def _refers_to(value, ids: set[int], seen: set[int]) -> bool:
+    """Whether ``value`` is, binds or closes over an object whose id is in ``ids``."""
+    if id(value) in ids:
+        return True
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    if isinstance(value, types.MethodType):
+        return _refers_to(value.__self__, ids, seen) or _refers_to(value.__func__, ids, seen)
+    if isinstance(value, functools.partial):
+        parts = [value.func, *value.args, *value.keywords.values()]
+        return any(_refers_to(part, ids, seen) for part in parts)
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        return any(_refers_to(_cell_contents(cell), ids, seen) for cell in value.__closure__)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_refers_to(item, ids, seen) for item in value)
+    if isinstance(value, dict):
+        return any(_refers_to(item, ids, seen) for item in value.values())
+    return False
 
 
 def initial_policy_model(trainer) -> PreTrainedModel:

@@ -129,3 +129,113 @@ def test_colocated_peft_reference_weights_are_the_merged_initial_policy(tiny_mod
         torch.testing.assert_close(tensor, expected[name])
     assert any(not torch.equal(weights[n], p) for n, p in
                AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters())  # not the base
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The frozen copy runs its own weights, whatever forward patches TRL installed on the policy
+# ------------------------------------------------------------------------------------------------------------
+
+
+def optimizer_step_(model) -> None:
+    """One SGD step on a language-modelling loss: every weight the loss reaches moves, the LM head included."""
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=10.0)
+    model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize(("cast_lm_head_to_fp32", "dtype"), [(False, "float32"), (True, "float32"),
+                                                              (True, "bfloat16")])
+def test_frozen_copy_logits_do_not_move_when_the_policy_trains(tiny_model_path, tmp_path, cast_lm_head_to_fp32,
+                                                               dtype):
+    """TRL 1.16 patches the policy's forward (fused LM head, always) and its LM head's (cast_lm_head_to_fp32)."""
+    trainer = make_trainer(str(tiny_model_path), tmp_path, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                           model_init_kwargs={"dtype": dtype})
+    assert isinstance(trainer.reference, FrozenCopyReference)
+    reference = trainer.reference.model
+    policy_initial = logits_of(trainer.model)
+    initial = logits_of(reference)
+    torch.testing.assert_close(initial, policy_initial)  # the copy computes what the initial policy computed
+    with torch.no_grad():  # TRL's fused LM head, kept on the copy
+        fused_initial = trainer.model(input_ids=INPUT_IDS, labels=INPUT_IDS, fused_lm_head=True).log_probs.clone()
+    head_before = trainer.model.lm_head.weight.detach().clone()
+
+    optimizer_step_(trainer.model)
+    assert not torch.equal(trainer.model.lm_head.weight, head_before)  # the policy's output layer moved
+    assert (logits_of(trainer.model) - policy_initial).abs().max() > 1e-2
+
+    assert torch.equal(logits_of(reference), initial)
+    with trainer.reference.generation_model(trainer) as model:
+        assert torch.equal(logits_of(model), initial)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reference(input_ids=INPUT_IDS, labels=INPUT_IDS, fused_lm_head=True).log_probs, fused_initial)
+
+
+def test_frozen_copy_rebinds_every_instance_forward_patch_to_the_copy():
+    """Liger-style bound methods, closures over modules, partials and forward hooks all end up on the copy."""
+    import functools
+    import types
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    first, second = model[0], model[1]
+    first.forward = types.MethodType(lambda self, x: torch.nn.functional.linear(x, self.weight), first)
+    second.forward = lambda x: torch.nn.functional.linear(x, second.weight, second.bias)  # a closure, like TRL's
+    modules = [first, second]
+    model.forward = functools.partial(lambda head, x: head(modules[0](x)), second)  # a partial, a list in a closure
+    second.register_forward_hook(lambda module, args, output: output + second.bias)
+    x = torch.ones(1, 4)
+    expected = model(x).detach()
+
+    reference = frozen_copy(model)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    assert not torch.equal(model(x), expected)
+    assert torch.equal(reference(x), expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ref_update_steps with the reference on another device than the policy (vllm_colocate keeps it on the CPU)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class StrictDevices(torch.overrides.TorchFunctionMode):
+    """Raises, as CUDA does, when an op mixes tensors of two devices (CPU scalars and explicit moves aside).
+
+    On the CPU the only second device is ``meta``, whose kernels let ``meta.add_(cpu)`` through; this mode
+    makes such a mix fail the way ``cpu.add_(cuda)`` does on a GPU machine.
+    """
+
+    MOVES = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cpu, torch.Tensor.cuda}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.MOVES:
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+            if len(devices) > 1:
+                raise RuntimeError(f"Expected all tensors to be on the same device, but found {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+def test_strict_devices_raises_on_a_mix_like_cuda():
+    with StrictDevices(), pytest.raises(RuntimeError, match="same device"):
+        torch.zeros(3, device="meta").add_(torch.ones(3))
+
+
+def test_ref_update_copies_the_policy_into_a_reference_on_another_device(tiny_model_path, tmp_path):
+    """The colocated reference's frozen copy sits on another device than the policy (CPU vs accelerator)."""
+    trainer = make_trainer(str(tiny_model_path), tmp_path, ref_update_steps=1)
+    policy_device = next(trainer.model.parameters()).device
+    elsewhere = frozen_copy(trainer.model).to("meta")  # the "other device": raises on mixing, under StrictDevices
+    elsewhere.tie_weights()  # moving to meta unties the head from the embeddings, moving to a GPU does not
+    trainer.reference = ColocatedVLLMReference(FrozenCopyReference(elsewhere))
+
+    with StrictDevices():
+        trainer.reference.load_policy_weights(trainer)
+
+    assert {p.device.type for p in elsewhere.parameters()} == {"meta"}  # the reference stays where it lives
+    assert next(trainer.model.parameters()).device == policy_device
