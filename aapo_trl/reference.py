@@ -291,16 +291,13 @@ def adapter_is_identity(model, adapter: str) -> bool:
     Only a plain LoRA adapter (no DoRA, no LoRA bias, no trainable tokens) whose B matrices are all zero
     (PEFT's default initialisation: a fresh ``peft_config``) and whose ``modules_to_save`` copies still equal
     the modules they copy. Anything else (an SFT adapter, a resumed run, ``init_lora_weights=False``, PiSSA,
-    which moves part of the base weights into the adapter) is not.
+    which moves part of the base weights into the adapter) is not. Read when the trainer is built, before
+    DeepSpeed partitions anything: PEFT creates the adapter tensors outside ``zero.Init``, so they are whole.
     """
-    from peft import LoraConfig
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
-    config = model.peft_config[adapter]
-    if not isinstance(config, LoraConfig) or config.use_dora or getattr(config, "lora_bias", False):
-        return False
-    if getattr(config, "trainable_token_indices", None):
+    if not _is_plain_lora(model.peft_config[adapter]):
         return False
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -315,6 +312,15 @@ def adapter_is_identity(model, adapter: str) -> bool:
             ):
                 return False
     return True
+
+
+def _is_plain_lora(config) -> bool:
+    """A LoRA adapter whose effect is ``scaling * B @ A`` added to each weight (no DoRA, bias or trainable tokens)."""
+    from peft import LoraConfig
+
+    return isinstance(config, LoraConfig) and not (
+        config.use_dora or getattr(config, "lora_bias", False) or getattr(config, "trainable_token_indices", None)
+    )
 
 
 def _parameters(module_or_tensor):
@@ -349,9 +355,9 @@ def keep_initial_adapter(model) -> None:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if f".{adapter}." in name:
-                copy = model.get_parameter(name.replace(f".{adapter}.", f".{INITIAL_ADAPTER}."))
-                copy.data.copy_(param.data)
-                copy.requires_grad_(False)
+                frozen = model.get_parameter(name.replace(f".{adapter}.", f".{INITIAL_ADAPTER}."))
+                frozen.data.copy_(param.data)
+                frozen.requires_grad_(False)
     model.set_adapter(adapter)  # the policy keeps training its own adapter
 
 
@@ -387,16 +393,12 @@ class PeftBaseReference:
 
         model = trainer.accelerator.unwrap_model(trainer.model)
         with_initial_adapter = INITIAL_ADAPTER in model.peft_config
-        if with_initial_adapter:
-            config = model.peft_config[INITIAL_ADAPTER]
-            if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False) or getattr(
-                config, "trainable_token_indices", None
-            ) or type(config).__name__ != "LoraConfig":
-                raise NotImplementedError(
-                    "The reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
-                    "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens). Use "
-                    "reference_source='model', or serve the merged initial model with reference_source='vllm_server'."
-                )
+        if with_initial_adapter and not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
+            raise NotImplementedError(
+                "The reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
+                "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens). Use "
+                "reference_source='model', or serve the merged initial model with reference_source='vllm_server'."
+            )
         saved_copy = f"modules_to_save.{INITIAL_ADAPTER}."
         dist = DistributedBackend(trainer.accelerator)
         for name, param in model.named_parameters():
@@ -408,14 +410,13 @@ class PeftBaseReference:
                 wrapper = model.get_submodule(name.split(".original_module.")[0])
                 if INITIAL_ADAPTER in wrapper.modules_to_save:
                     continue  # the "ref" copy stands in for it
-            owner_name, _, param_name = name.rpartition(".")
-            owner = model.get_submodule(owner_name.removesuffix(".base_layer"))
             vllm_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
             vllm_name = vllm_name.replace("original_module.", "").replace(saved_copy, "")
             vllm_name = vllm_name.replace("_checkpoint_wrapped_module.", "")
-            if with_initial_adapter and param_name == "weight" and owner_name.endswith(".base_layer") and isinstance(
-                owner, LoraLayer
-            ) and INITIAL_ADAPTER in owner.scaling:
+            owner = None
+            if with_initial_adapter and name.endswith(".base_layer.weight"):
+                owner = model.get_submodule(name.removesuffix(".base_layer.weight"))
+            if isinstance(owner, LoraLayer) and INITIAL_ADAPTER in owner.scaling:
                 with dist.gather_params(list(owner.parameters())):
                     yield vllm_name, param.data + owner.get_delta_weight(INITIAL_ADAPTER).to(param.dtype)
             else:
