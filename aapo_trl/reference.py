@@ -361,6 +361,24 @@ def keep_initial_adapter(model) -> None:
     model.set_adapter(adapter)  # the policy keeps training its own adapter
 
 
+def hide_initial_adapter_from_policy_sync(vllm_generation) -> None:
+    """Keep the "ref" adapter's ``modules_to_save`` copies out of TRL's policy weight push to vLLM.
+
+    TRL's ``VLLMGeneration._iter_named_params`` skips the LoRA tensors and the original modules of a PEFT policy,
+    but yields ``<module>.modules_to_save.ref.weight`` under that name, which vLLM does not know. Filtering
+    the stream after TRL's gathers keeps every rank in the same collectives.
+    """
+    iterate = vllm_generation._iter_named_params
+    initial_copy = f"modules_to_save.{INITIAL_ADAPTER}."
+
+    def policy_named_params():
+        for name, tensor in iterate():
+            if initial_copy not in name:
+                yield name, tensor
+
+    vllm_generation._iter_named_params = policy_named_params
+
+
 class PeftBaseReference:
     """The reference is the PEFT policy as it was at step 0, run on the policy's own base weights.
 
@@ -698,6 +716,7 @@ __all__ = [
     "VLLMServerReference",
     "adapter_is_identity",
     "frozen_copy",
+    "hide_initial_adapter_from_policy_sync",
     "initial_policy_model",
     "keep_initial_adapter",
     "make_reference",

@@ -24,8 +24,6 @@ from aapo_trl.reference import (
 )
 from aapo_trl.trainers import AAPOTrainer
 
-pytestmark = pytest.mark.slow
-
 INPUT_IDS = torch.tensor([[1, 5, 9, 13, 20, 7], [3, 3, 8, 2, 11, 4]])
 
 
@@ -83,6 +81,7 @@ def peft_policy_with_a_trained_adapter(tiny_model_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beta", [0.0, 0.04])  # beta != 0: TRL itself already adds the "ref" adapter
 def test_peft_policy_with_a_trained_adapter_is_referenced_as_it_was_at_step_0(tiny_model_path, tmp_path, beta):
     policy = peft_policy_with_a_trained_adapter(tiny_model_path)
@@ -101,6 +100,7 @@ def test_peft_policy_with_a_trained_adapter_is_referenced_as_it_was_at_step_0(ti
     assert trainer.model.active_adapter == "default"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("init_lora_weights", "identity"), [(True, True), (False, False)])
 def test_fresh_peft_config_is_referenced_with_adapters_off_only_when_the_adapter_adds_nothing(
         tiny_model_path, tmp_path, init_lora_weights, identity):
@@ -115,6 +115,7 @@ def test_fresh_peft_config_is_referenced_with_adapters_off_only_when_the_adapter
     assert ("ref" not in trainer.model.peft_config) == identity  # adapters off, no copy, when provably equal
 
 
+@pytest.mark.slow
 def test_colocated_peft_reference_weights_are_the_merged_initial_policy(tiny_model_path, tmp_path):
     """vllm_colocate loads PeftBaseReference.named_weights into the engine: base + the initial adapter, merged."""
     policy = peft_policy_with_a_trained_adapter(tiny_model_path)
@@ -146,6 +147,7 @@ def optimizer_step_(model) -> None:
     model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("cast_lm_head_to_fp32", "dtype"), [(False, "float32"), (True, "float32"),
                                                               (True, "bfloat16")])
 def test_frozen_copy_logits_do_not_move_when_the_policy_trains(tiny_model_path, tmp_path, cast_lm_head_to_fp32,
@@ -226,6 +228,7 @@ def test_strict_devices_raises_on_a_mix_like_cuda():
         torch.zeros(3, device="meta").add_(torch.ones(3))
 
 
+@pytest.mark.slow
 def test_ref_update_copies_the_policy_into_a_reference_on_another_device(tiny_model_path, tmp_path):
     """The colocated reference's frozen copy sits on another device than the policy (CPU vs accelerator)."""
     trainer = make_trainer(str(tiny_model_path), tmp_path, ref_update_steps=1)

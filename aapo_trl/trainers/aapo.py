@@ -17,7 +17,13 @@ from trl.extras.profiling import profiling_context
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
 from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
-from ..reference import FrozenCopyReference, PeftBaseReference, make_reference
+from ..reference import (
+    INITIAL_ADAPTER,
+    FrozenCopyReference,
+    PeftBaseReference,
+    hide_initial_adapter_from_policy_sync,
+    make_reference,
+)
 from ..validation import validate_tokenizers_match
 from .base import AdvantageTrainerMixin, ScoredBatch
 
@@ -105,6 +111,9 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             self.reference = make_reference(
                 self, None if reference_model is None else _load_reference_model(reference_model, self.model)
             )
+        with_initial_adapter = is_peft_model(self.model) and INITIAL_ADAPTER in self.model.peft_config
+        if with_initial_adapter and getattr(self, "vllm_generation", None) is not None:
+            hide_initial_adapter_from_policy_sync(self.vllm_generation)
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):
