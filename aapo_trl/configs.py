@@ -272,8 +272,9 @@ class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments
         > Parameters that control where the reference samples come from
 
         reference_source (`str`, *optional*, defaults to `"model"`):
-            `"model"`: transformers `generate` on a frozen copy of the initial policy (with PEFT: the base model,
-            adapters off). `"vllm_server"`: a second vLLM server that serves the reference weights
+            `"model"`: transformers `generate` on a frozen copy of the initial policy (with PEFT: the policy with
+            a frozen copy of its initial adapter; adapters off when that adapter is a fresh LoRA, which adds
+            nothing). `"vllm_server"`: a second vLLM server that serves the reference weights
             (`trl vllm-serve --model BASE --port 8001`); it never receives weight updates unless `ref_update_steps`
             pushes the policy into it. `"vllm_colocate"`: the policy's colocated vLLM engine (`use_vllm=True,
             vllm_mode="colocate"`) with the reference weights loaded into it for reference generation; the policy
@@ -349,7 +350,8 @@ class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments
         default="model",
         metadata={
             "help": "Where AAPO's reference samples come from. 'model': transformers generate on the frozen initial "
-            "policy (PEFT: the base with adapters off). 'vllm_server': a second vLLM server serving the reference "
+            "policy (PEFT: a frozen copy of the initial adapter, or adapters off for a fresh LoRA). 'vllm_server': "
+            "a second vLLM server serving the reference "
             "weights (trl vllm-serve --model BASE --port 8001), never updated unless ref_update_steps. "
             "'vllm_colocate': the policy's colocated vLLM engine with the reference weights swapped in (needs "
             "use_vllm=True, vllm_mode='colocate'). 'cache': the ref_rewards column written by aapo-trl ref-rollouts.",

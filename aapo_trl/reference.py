@@ -6,18 +6,21 @@ picks one of these sources, each with ``sample(trainer, prompt_ids, num_generati
 completion (token ids) per prompt row:
 
 * ``"model"``: :class:`FrozenCopyReference` (a deep copy of the initial policy, or TRL's own
-  ``ref_model`` when a KL term already made one) or :class:`PeftBaseReference` (the policy with its
-  LoRA adapters switched off, which *is* the initial policy when only adapters train), sampled with
-  transformers ``generate``.
+  ``ref_model`` when a KL term already made one) or :class:`PeftBaseReference` (the PEFT policy run
+  with a frozen copy of its initial adapter, or with its adapters switched off when the initial adapter
+  is a fresh LoRA, which adds nothing), sampled with transformers ``generate``.
 * ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
   checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
   never receives weights, except the policy's at ``ref_update_steps`` boundaries.
 * ``"vllm_colocate"``: :class:`ColocatedVLLMReference`, the policy's colocated vLLM engine: the
-  reference weights (a frozen copy kept on the CPU, or the PEFT base weights, unmerged) are loaded
+  reference weights (a frozen copy kept on the CPU, or the PEFT base weights with the initial adapter's
+  copy merged into a copy of them, the policy's adapter left out) are loaded
   into it, the reference samples are drawn, and TRL's ``_last_loaded_step`` is reset so that the
   next policy generation pushes the policy weights back.
 * ``"cache"``: :class:`aapo_trl.ref_rollouts.CachedReference`, rewards precomputed by
-  ``aapo-trl ref-rollouts`` (nothing is sampled during training).
+  ``aapo-trl ref-rollouts`` (nothing is sampled during training). The trainer builds it itself:
+  ``ref_rollouts`` sits above this module (its sampler reuses :func:`truncate_after_eos`), so nothing
+  here imports it.
 
 Every sampler uses the policy's sampling settings (TRL's ``generation_config`` or its vLLM settings).
 Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGeneration``/``VLLMClient``.
@@ -26,7 +29,9 @@ Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGenerati
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import types
 from contextlib import contextmanager
 
 import torch
@@ -34,24 +39,113 @@ from accelerate.utils import is_peft_model
 from transformers import GenerationConfig, PreTrainedModel
 from trl.distributed import DistributedBackend
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
-from trl.trainer.callbacks import SyncRefModelCallback
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
 logger = logging.getLogger(__name__)
 
 
 def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
-    """A detached, frozen deep copy of ``model`` that runs its own forward.
+    """A detached, frozen deep copy of ``model`` that runs only its own weights.
 
-    trl 1.16's ``add_fused_lm_head`` replaces ``model.forward`` by an instance attribute whose closure
-    calls the *original* model's forward; a deep copy keeps that closure, so without removing it the
-    "reference" would silently run the policy's weights.
+    trl 1.16 patches forwards on the instance: ``add_fused_lm_head`` sets ``model.forward`` to a method whose
+    closure calls the *original* model's forward, ``cast_lm_head_to_fp32`` sets ``lm_head.forward`` to a
+    function that reads the original head's weight, Liger's kernels bind their forwards to the modules.
+    ``copy.deepcopy`` rebinds a bound method's ``self`` but copies functions, closures included, as they are,
+    so the "reference" would silently run the policy's weights. Every instance-level ``forward`` and forward
+    hook of the copy is therefore rebuilt to refer to the copies of what it referred to.
     """
-    reference = copy.deepcopy(model)
-    reference.__dict__.pop("forward", None)
+    memo: dict[int, object] = {}
+    reference = copy.deepcopy(model, memo)
+    originals = {id(module) for module in model.modules()}
+    rebound = _Rebinder(memo, originals)
+    for module in reference.modules():
+        if "forward" in module.__dict__:
+            module.forward = rebound(module.__dict__["forward"])
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                hooks[key] = rebound(hook)
+        for patched in [module.__dict__.get("forward"), *module._forward_pre_hooks.values(),
+                        *module._forward_hooks.values()]:
+            if patched is not None and _refers_to(patched, originals, set()):
+                raise RuntimeError(
+                    f"the frozen reference copy of {type(module).__name__} still runs a forward patch ({patched!r}) "
+                    "bound to the policy's modules"
+                )
     reference.requires_grad_(False)
     reference.eval()
     return reference
+
+
+class _Rebinder:
+    """Rebuilds what a forward patch refers to with the deep copy's ``memo``, so that it refers to the copy.
+
+    ``copy.deepcopy`` shares functions (closures included) instead of copying them; here bound methods,
+    ``functools.partial`` and closures are rebuilt around the copies, and data in a closure that holds the
+    original modules (a list of them...) is deep-copied with the same memo. Anything else is kept as is.
+    """
+
+    def __init__(self, memo: dict[int, object], originals: set[int]):
+        self.memo, self.originals = memo, originals
+        self.done: dict[int, object] = {}
+
+    def __call__(self, value):
+        if id(value) in self.memo:
+            return self.memo[id(value)]
+        if id(value) in self.done:
+            return self.done[id(value)]
+        if isinstance(value, types.MethodType):
+            rebound = types.MethodType(self(value.__func__), self(value.__self__))
+        elif isinstance(value, functools.partial):
+            args = [self(arg) for arg in value.args]
+            rebound = functools.partial(self(value.func), *args, **{k: self(v) for k, v in value.keywords.items()})
+        elif isinstance(value, types.FunctionType) and value.__closure__:
+            self.done[id(value)] = value  # a function that refers to itself keeps doing so
+            contents = [_cell_contents(cell) for cell in value.__closure__]
+            new_contents = [content if content is _EMPTY else self(content) for content in contents]
+            if all(new is old for new, old in zip(new_contents, contents)):
+                return value
+            cells = tuple(types.CellType() if c is _EMPTY else types.CellType(c) for c in new_contents)
+            rebound = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, cells)
+            rebound.__kwdefaults__ = value.__kwdefaults__
+            rebound.__qualname__ = value.__qualname__
+            rebound.__dict__.update(value.__dict__)  # functools.wraps metadata
+        elif _refers_to(value, self.originals, set()):
+            return copy.deepcopy(value, self.memo)
+        else:
+            return value
+        self.done[id(value)] = rebound
+        return rebound
+
+
+_EMPTY = object()
+
+
+def _cell_contents(cell):
+    try:
+        return cell.cell_contents
+    except ValueError:  # a cell not yet filled
+        return _EMPTY
+
+
+def _refers_to(value, ids: set[int], seen: set[int]) -> bool:
+    """Whether ``value`` is, binds or closes over an object whose id is in ``ids``."""
+    if id(value) in ids:
+        return True
+    if id(value) in seen:
+        return False
+    seen.add(id(value))
+    if isinstance(value, types.MethodType):
+        return _refers_to(value.__self__, ids, seen) or _refers_to(value.__func__, ids, seen)
+    if isinstance(value, functools.partial):
+        parts = [value.func, *value.args, *value.keywords.values()]
+        return any(_refers_to(part, ids, seen) for part in parts)
+    if isinstance(value, types.FunctionType) and value.__closure__:
+        return any(_refers_to(_cell_contents(cell), ids, seen) for cell in value.__closure__)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return any(_refers_to(item, ids, seen) for item in value)
+    if isinstance(value, dict):
+        return any(_refers_to(item, ids, seen) for item in value.values())
+    return False
 
 
 def initial_policy_model(trainer) -> PreTrainedModel:
@@ -150,11 +244,19 @@ class FrozenCopyReference:
                 yield name.replace("_checkpoint_wrapped_module.", ""), param.data
 
     def load_policy_weights(self, trainer) -> None:
-        """``ref_update_steps``: copy the current policy weights into the reference (TRL's ZeRO-3-aware sync)."""
+        """``ref_update_steps``: copy the current policy weights into the reference.
+
+        The reference need not sit on the policy's device (``vllm_colocate`` keeps it on the CPU), so each
+        policy tensor is brought onto its reference tensor's device first. Under ZeRO-3 both are gathered and
+        rank 0 writes, as in TRL's ``SyncRefModelCallback.sync_target_model``.
+        """
         policy = trainer.accelerator.unwrap_model(trainer.model)
         reference = trainer.accelerator.unwrap_model(self.model)
-        with torch.no_grad():
-            SyncRefModelCallback.sync_target_model(policy, reference, alpha=1.0)
+        pairs = list(zip(reference.parameters(), policy.parameters(), strict=True))
+        with torch.no_grad(), writable_gathered(trainer, [p for pair in pairs for p in pair]) as writes:
+            if writes:
+                for target, source in pairs:
+                    target.data.copy_(source.data.to(target.device))
 
     def state_dict(self, trainer) -> dict[str, torch.Tensor]:
         """The full reference weights on the CPU, gathered from ZeRO-3 shards (every rank must call it)."""
@@ -180,16 +282,117 @@ class FrozenCopyReference:
         return _fingerprint(self.model.parameters())
 
 
+INITIAL_ADAPTER = "ref"  # TRL's name for the frozen copy of the initial adapter (GRPOTrainer with beta != 0)
+
+
+def adapter_is_identity(model, adapter: str) -> bool:
+    """Whether the PEFT ``adapter`` provably leaves ``model`` computing its base model.
+
+    Only a plain LoRA adapter (no DoRA, no LoRA bias, no trainable tokens) whose B matrices are all zero
+    (PEFT's default initialisation: a fresh ``peft_config``) and whose ``modules_to_save`` copies still equal
+    the modules they copy. Anything else (an SFT adapter, a resumed run, ``init_lora_weights=False``, PiSSA,
+    which moves part of the base weights into the adapter) is not. Read when the trainer is built, before
+    DeepSpeed partitions anything: PEFT creates the adapter tensors outside ``zero.Init``, so they are whole.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if not _is_plain_lora(model.peft_config[adapter]):
+        return False
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for b_matrices in (module.lora_B, module.lora_embedding_B):
+                if adapter in b_matrices and any(p.detach().count_nonzero() for p in _parameters(b_matrices[adapter])):
+                    return False
+        elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
+            copy_state = module.modules_to_save[adapter].state_dict()
+            original_state = module.original_module.state_dict()
+            if copy_state.keys() != original_state.keys() or not all(
+                torch.equal(copy_state[key], original_state[key]) for key in copy_state
+            ):
+                return False
+    return True
+
+
+def _is_plain_lora(config) -> bool:
+    """A LoRA adapter whose effect is ``scaling * B @ A`` added to each weight (no DoRA, bias or trainable tokens)."""
+    from peft import LoraConfig
+
+    return isinstance(config, LoraConfig) and not (
+        config.use_dora or getattr(config, "lora_bias", False) or getattr(config, "trainable_token_indices", None)
+    )
+
+
+def _parameters(module_or_tensor):
+    if isinstance(module_or_tensor, torch.nn.Module):
+        return list(module_or_tensor.parameters())
+    return [module_or_tensor]
+
+
+def keep_initial_adapter(model) -> None:
+    """Make the PEFT policy able to run as it is now (step 0): a frozen copy of its active adapter, named "ref".
+
+    Nothing to do when TRL already added that copy (``beta != 0`` with a ``PeftModel``) or when the adapter
+    is provably the identity (:func:`adapter_is_identity`): the policy with adapters off *is* then the
+    initial policy. TRL's KL term samples the "ref" adapter too when present, so both references agree.
+    """
+    adapter = model.active_adapter
+    if INITIAL_ADAPTER in model.peft_config or adapter_is_identity(model, adapter):
+        return
+    if len(model.active_adapters) > 1:
+        raise NotImplementedError(
+            f"AAPO's PEFT reference copies one active adapter; this model has {model.active_adapters}. Merge them, "
+            "or pass reference_model= (the initial policy, merged)."
+        )
+    try:
+        model.add_adapter(INITIAL_ADAPTER, model.peft_config[adapter])
+    except ValueError as error:  # e.g. peft < 0.20 with target_parameters allows a single adapter (peft#3340)
+        raise ValueError(
+            f"AAPO's reference must be the initial policy, i.e. the base model plus the adapter {adapter!r} as it is "
+            f"now, but PEFT could not add a frozen copy of that adapter ({error}). Upgrade peft, or pass "
+            "reference_model= (the initial policy, merged)."
+        ) from error
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{adapter}." in name:
+                frozen = model.get_parameter(name.replace(f".{adapter}.", f".{INITIAL_ADAPTER}."))
+                frozen.data.copy_(param.data)
+                frozen.requires_grad_(False)
+    model.set_adapter(adapter)  # the policy keeps training its own adapter
+
+
+def hide_initial_adapter_from_policy_sync(vllm_generation) -> None:
+    """Keep the "ref" adapter's ``modules_to_save`` copies out of TRL's policy weight push to vLLM.
+
+    TRL's ``VLLMGeneration._iter_named_params`` skips the LoRA tensors and the original modules of a PEFT policy,
+    but yields ``<module>.modules_to_save.ref.weight`` under that name, which vLLM does not know. Filtering
+    the stream after TRL's gathers keeps every rank in the same collectives.
+    """
+    iterate = vllm_generation._iter_named_params
+    initial_copy = f"modules_to_save.{INITIAL_ADAPTER}."
+
+    def policy_named_params():
+        for name, tensor in iterate():
+            if initial_copy not in name:
+                yield name, tensor
+
+    vllm_generation._iter_named_params = policy_named_params
+
+
 class PeftBaseReference:
-    """The reference is the PEFT policy with its adapters disabled (the base weights never train)."""
+    """The reference is the PEFT policy as it was at step 0, run on the policy's own base weights.
+
+    That is the policy with its adapters disabled when the initial adapter is provably the identity (a fresh
+    LoRA ``peft_config``), else the policy with the frozen copy of its initial adapter ("ref", see
+    :func:`keep_initial_adapter`) active.
+    """
 
     kind = "peft_base"
 
     @contextmanager
     def generation_model(self, trainer):
         with _unwrapped_for_generation(trainer, trainer.model_wrapped) as unwrapped:
-            # TRL loads an initial copy of a re-trained adapter under the name "ref"; use it when present.
-            adapter = "ref" if "ref" in unwrapped.peft_config else None
+            adapter = INITIAL_ADAPTER if INITIAL_ADAPTER in unwrapped.peft_config else None
             with use_adapter(unwrapped, adapter_name=adapter):
                 yield unwrapped
 
@@ -197,31 +400,52 @@ class PeftBaseReference:
         return sample_reference_completions(trainer, self, prompt_ids)
 
     def named_weights(self, trainer):
-        """The base weights of the PEFT policy, adapters *not* merged, under the checkpoint's names.
+        """The reference weights of the PEFT policy under the checkpoint's names, the policy's adapter left alone.
 
-        The mirror image of TRL's ``VLLMGeneration._iter_named_params``, which merges the adapters to
-        push the policy: here the LoRA tensors are skipped and, for ``modules_to_save``, the original
-        module is kept and the trained copy dropped.
+        The mirror image of TRL's ``VLLMGeneration._iter_named_params``, which merges the adapters in place to
+        push the policy: here the LoRA tensors are skipped and, for ``modules_to_save``, the original module
+        is kept and the trained copy dropped. With a "ref" adapter, each of its LoRA deltas is added to a copy
+        of the base weight, and its ``modules_to_save`` copies replace the originals.
         """
+        from peft.tuners.lora import LoraLayer
+
         model = trainer.accelerator.unwrap_model(trainer.model)
-        if "ref" in model.peft_config:
+        with_initial_adapter = INITIAL_ADAPTER in model.peft_config
+        if with_initial_adapter and not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
             raise NotImplementedError(
-                "The PEFT model carries a 'ref' adapter (an initial adapter being re-trained), so the reference is "
-                "base + that adapter, which cannot be swapped into vLLM unmerged. Use reference_source='model', or "
-                "serve the merged initial model with reference_source='vllm_server'."
+                "The reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
+                "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens). Use "
+                "reference_source='model', or serve the merged initial model with reference_source='vllm_server'."
             )
+        saved_copy = f"modules_to_save.{INITIAL_ADAPTER}."
         dist = DistributedBackend(trainer.accelerator)
         for name, param in model.named_parameters():
-            if model.prefix in name or "modules_to_save" in name:
+            if model.prefix in name:
                 continue
-            name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("original_module.", "")
-            with dist.gather_params([param]):
-                yield name.replace("_checkpoint_wrapped_module.", ""), param.data
+            if "modules_to_save" in name and not (with_initial_adapter and saved_copy in name):
+                continue
+            if with_initial_adapter and "original_module." in name:
+                wrapper = model.get_submodule(name.split(".original_module.")[0])
+                if INITIAL_ADAPTER in wrapper.modules_to_save:
+                    continue  # the "ref" copy stands in for it
+            vllm_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+            vllm_name = vllm_name.replace("original_module.", "").replace(saved_copy, "")
+            vllm_name = vllm_name.replace("_checkpoint_wrapped_module.", "")
+            owner = None
+            if with_initial_adapter and name.endswith(".base_layer.weight"):
+                owner = model.get_submodule(name.removesuffix(".base_layer.weight"))
+            if isinstance(owner, LoraLayer) and INITIAL_ADAPTER in owner.scaling:
+                with dist.gather_params(list(owner.parameters())):
+                    yield vllm_name, param.data + owner.get_delta_weight(INITIAL_ADAPTER).to(param.dtype)
+            else:
+                with dist.gather_params([param]):
+                    yield vllm_name, param.data
 
     def load_policy_weights(self, trainer) -> None:
         raise ValueError(
-            "ref_update_steps is not supported with PEFT: the reference is the adapter-free base model, which "
-            "never changes. Train without peft_config to use reference updates."
+            "ref_update_steps is not supported with PEFT: the reference is the initial policy kept inside the PEFT "
+            "model (its base weights, plus a frozen copy of the initial adapter unless that adapter was fresh), "
+            "which cannot be replaced by the current policy. Train without peft_config to use reference updates."
         )
 
 
@@ -274,7 +498,8 @@ class VLLMServerReference:
 
         CUDA_VISIBLE_DEVICES=1 trl vllm-serve --model BASE --port 8001
 
-    (``BASE``: the initial policy; with PEFT, the base model the adapters sit on). The trainer only
+    (``BASE``: the initial policy; with PEFT, the base model the adapters sit on, merged with the initial
+    adapter unless that one is fresh). The trainer only
     asks it for completions; with ``ref_update_steps`` it also pushes the policy weights into it, through
     its own weight-transfer group (``reference_vllm_group_port``), at those steps only.
     """
@@ -304,6 +529,13 @@ class VLLMServerReference:
         )
         self.weight_updates = 0
         self._check_served_model(trainer)
+        policy = trainer.model
+        if is_peft_model(policy) and not adapter_is_identity(policy, policy.active_adapter):
+            logger.warning(
+                "The PEFT policy starts with a trained adapter (%r), so the reference server at %s must serve the "
+                "base model merged with that adapter (the initial policy), not the base model alone.",
+                policy.active_adapter, self.base_url,
+            )
 
     def _check_served_model(self, trainer) -> None:
         client = getattr(self.generation, "vllm_client", None)
@@ -392,21 +624,24 @@ class ColocatedVLLMReference:
 
 
 def make_reference(trainer, reference_model: torch.nn.Module | None = None):
-    """Pick the reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer.
+    """Pick the sampled reference source for a freshly initialised (not yet accelerate-wrapped) AAPO trainer.
 
     ``reference_model``: an explicit frozen reference (already loaded) instead of the initial policy.
+    ``reference_source="cache"`` samples nothing: the trainer reads :class:`aapo_trl.ref_rollouts.CachedReference`.
     """
     source = getattr(trainer.args, "reference_source", "model")
     if source == "cache":
-        from .ref_rollouts import CachedReference
-
-        return CachedReference()
+        raise ValueError(
+            "reference_source='cache' samples no reference: use aapo_trl.ref_rollouts.CachedReference (AAPOTrainer "
+            "does)."
+        )
     if source == "vllm_server":
         return VLLMServerReference(trainer)
     dist = DistributedBackend(trainer.accelerator)
     if reference_model is not None:
         weights = FrozenCopyReference(prepare_reference_model(trainer, reference_model))
     elif is_peft_model(trainer.model):
+        keep_initial_adapter(trainer.model)
         weights = PeftBaseReference()
     elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds (and placed) one
         weights = FrozenCopyReference(trainer.ref_model)
@@ -479,8 +714,11 @@ __all__ = [
     "FrozenCopyReference",
     "PeftBaseReference",
     "VLLMServerReference",
+    "adapter_is_identity",
     "frozen_copy",
+    "hide_initial_adapter_from_policy_sync",
     "initial_policy_model",
+    "keep_initial_adapter",
     "make_reference",
     "prepare_reference_model",
     "sample_reference_completions",

@@ -451,14 +451,18 @@ def test_colocate_mode_swaps_the_reference_in_and_resyncs_the_policy(tiny_model_
 def test_colocate_mode_with_peft_swaps_in_the_unmerged_base_weights(tiny_model_path, tmp_path, colocate_env):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM")
+    # a fresh LoRA (B = 0): the base is the initial policy (a trained adapter: tests/test_reference.py)
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     config = vllm_config(tmp_path, max_steps=1, use_vllm=True, vllm_mode="colocate", reference_source="vllm_colocate",
                          learning_rate=0.0)
     trainer = AAPOTrainer(str(tiny_model_path), reward_funcs=[tagged_reward], args=config,
                           train_dataset=prompt_dataset(), peft_config=lora)
     assert isinstance(trainer.reference, ColocatedVLLMReference)
     assert isinstance(trainer.reference.weights, PeftBaseReference)
+    with torch.no_grad():  # the adapter as if trained: the policy now differs from the base
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     (engine,) = FakeLLM.instances
     base = snapshot(AutoModelForCausalLM.from_pretrained(tiny_model_path))
     loads = []
@@ -476,6 +480,42 @@ def test_colocate_mode_with_peft_swaps_in_the_unmerged_base_weights(tiny_model_p
     assert all((policy_load[n] - base[n]).abs().max() > 1e-3 for n in lora_targets)
     assert all(torch.equal(policy_load[n], base[n]) for n in base if n not in lora_targets)
     assert trainer._last_loaded_step == -1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("beta", [0.0, 0.04])  # beta != 0: TRL adds the "ref" adapter itself
+def test_colocate_mode_with_a_trained_peft_adapter_swaps_in_the_merged_initial_policy(tiny_model_path, tmp_path,
+                                                                                     colocate_env, beta):
+    """A PeftModel arriving with a trained adapter (and a trained modules_to_save head): the reference is base +
+    that adapter as it was at step 0, merged; the policy push carries no tensor of the frozen copy."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                      task_type="CAUSAL_LM")
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora)
+    perturb_(policy, scale=0.1)
+    with torch.no_grad():  # perturb_ moved the base too: an SFT adapter on top of that base
+        initial = copy.deepcopy(policy).merge_and_unload()
+    config = vllm_config(tmp_path, max_steps=1, use_vllm=True, vllm_mode="colocate", reference_source="vllm_colocate",
+                         learning_rate=0.0, beta=beta, loss_type="aapo" if beta == 0 else "grpo")
+    trainer = AAPOTrainer(policy, reward_funcs=[tagged_reward], args=config, train_dataset=prompt_dataset())
+    (engine,) = FakeLLM.instances
+    loads = []
+    engine.whose = lambda weights: (loads.append({n: t.clone() for n, t in weights.items()}), "ANY")[1]
+    with torch.no_grad():  # the policy's adapter trains from step 0 on
+        for name, parameter in trainer.model.named_parameters():
+            if ".default." in name:
+                parameter.add_(0.5)
+    trainer.train()
+
+    policy_load, reference_load = loads
+    expected = dict(initial.named_parameters())
+    assert set(policy_load) == set(reference_load) == set(expected)  # vLLM's names only
+    for name in expected:
+        torch.testing.assert_close(reference_load[name], expected[name])
+    assert any(not torch.equal(policy_load[name], reference_load[name]) for name in expected)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -117,13 +117,17 @@ def test_ref_update_steps_copies_the_policy_into_the_reference(tiny_model_path, 
 def test_peft_reference_is_the_base_model_with_adapters_off(tiny_model_path, tmp_path):
     from peft import LoraConfig
 
-    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
-                      task_type="CAUSAL_LM")
+    # a fresh LoRA (B = 0) adds nothing, so the base is the initial policy (else see tests/test_reference.py)
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     config = aapo_config(tmp_path, max_steps=1, generation_kwargs=GREEDY, learning_rate=0.0)
     dataset = prompt_dataset()
     trainer = AAPOTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], args=config, train_dataset=dataset,
                           peft_config=lora)
-    assert isinstance(trainer.reference, PeftBaseReference)
+    assert isinstance(trainer.reference, PeftBaseReference) and "ref" not in trainer.model.peft_config
+    with torch.no_grad():  # the adapter as if trained: the policy now differs from the base
+        for name, parameter in trainer.model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
     recorder = Recorder(trainer)
     trainer.train()
 

@@ -16,7 +16,14 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
-from ..reference import FrozenCopyReference, PeftBaseReference, make_reference
+from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
+from ..reference import (
+    INITIAL_ADAPTER,
+    FrozenCopyReference,
+    PeftBaseReference,
+    hide_initial_adapter_from_policy_sync,
+    make_reference,
+)
 from ..validation import validate_tokenizers_match
 from .base import AdvantageTrainerMixin, ScoredBatch
 
@@ -60,7 +67,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     the same reward functions and weights score it. Takes the same arguments as ``GRPOTrainer``;
     ``reward_funcs`` may also name functions of :mod:`aapo_trl.rewards` (``"format"``, ``"cosine"``...).
     ``args.reference_source`` says where the reference samples come from (:mod:`aapo_trl.reference`):
-    a frozen deep copy of the initial policy or the PEFT base with adapters disabled (``"model"``), a
+    a frozen deep copy of the initial policy or the PEFT policy with its initial adapter (``"model"``), a
     second vLLM server (``"vllm_server"``), the policy's colocated vLLM engine with the reference weights
     swapped in (``"vllm_colocate"``), or rewards precomputed by ``aapo-trl ref-rollouts`` (``"cache"``).
     """
@@ -98,9 +105,15 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
-        self.reference = make_reference(
-            self, None if reference_model is None else _load_reference_model(reference_model, self.model)
-        )
+        if args.reference_source == "cache":
+            self.reference = CachedReference()
+        else:
+            self.reference = make_reference(
+                self, None if reference_model is None else _load_reference_model(reference_model, self.model)
+            )
+        with_initial_adapter = is_peft_model(self.model) and INITIAL_ADAPTER in self.model.peft_config
+        if with_initial_adapter and getattr(self, "vllm_generation", None) is not None:
+            hide_initial_adapter_from_policy_sync(self.vllm_generation)
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):
@@ -111,7 +124,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
 
     def _weights_reference(self) -> FrozenCopyReference | None:
-        """The reference whose weights live in this process (not a server's, not the adapter-free base)."""
+        """The reference whose weights live in this process (not a server's, not the PEFT policy's)."""
         weights = getattr(self.reference, "weights", self.reference)  # the colocated engine's frozen copy
         return weights if isinstance(weights, FrozenCopyReference) else None
 
@@ -239,8 +252,6 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
 def _with_ref_rollouts(args: AAPOConfig, more_args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Attach the cache at ``args.ref_rollouts_path`` to the train (and eval) dataset, positional or keyword."""
-    from ..ref_rollouts import attach_ref_rollouts, load_ref_rollouts
-
     cache = load_ref_rollouts(args.ref_rollouts_path)
     more_args, kwargs = list(more_args), dict(kwargs)
     targets = [("train_dataset", True), ("eval_dataset", args.eval_reference_rollouts)]
