@@ -32,6 +32,13 @@ def trains_on_stale_samples(config: GRPOConfig) -> bool:
     return config.gradient_accumulation_steps % (config.steps_per_generation * config.num_iterations) != 0
 
 
+def require_choice(config, name: str, choices) -> None:
+    """A field that takes one of a few names: refuse anything else, naming the field and the choices."""
+    value = getattr(config, name)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
 def _validate_common(config: GRPOConfig) -> None:
     config._validate_robustness()
     config._validate_ce_loss()
@@ -108,12 +115,8 @@ class RobustnessArguments:
     )
 
     def _validate_robustness(self) -> None:
-        if self.reward_errors not in UNSCORABLE_POLICIES:
-            raise ValueError(f"reward_errors must be one of {UNSCORABLE_POLICIES}, got {self.reward_errors!r}")
-        if self.truncated_completions not in TRUNCATION_POLICIES:
-            raise ValueError(
-                f"truncated_completions must be one of {TRUNCATION_POLICIES}, got {self.truncated_completions!r}"
-            )
+        require_choice(self, "reward_errors", UNSCORABLE_POLICIES)
+        require_choice(self, "truncated_completions", TRUNCATION_POLICIES)
 
 
 @dataclass
@@ -167,9 +170,7 @@ class RewardArguments:
         length = self.cosine_max_len
         if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
             raise ValueError(f"cosine_max_len must be a positive whole number ({self.cosine_length_unit}), got {length!r}")
-        if self.cosine_length_unit not in COSINE_LENGTH_UNITS:
-            unit = self.cosine_length_unit
-            raise ValueError(f"cosine_length_unit must be one of {COSINE_LENGTH_UNITS}, got {unit!r}")
+        require_choice(self, "cosine_length_unit", COSINE_LENGTH_UNITS)
         for name in ("cosine_min_value_wrong", "cosine_max_value_wrong", "cosine_min_value_correct",
                      "cosine_max_value_correct", "correct_reward", "incorrect_reward"):
             value = getattr(self, name)
@@ -214,11 +215,7 @@ class CrossEntropyLossArguments:
     )
 
     def _validate_ce_loss(self) -> None:
-        if self.ce_off_policy_correction not in CE_OFF_POLICY_CORRECTIONS:
-            raise ValueError(
-                f"ce_off_policy_correction must be one of {CE_OFF_POLICY_CORRECTIONS}, "
-                f"got {self.ce_off_policy_correction!r}"
-            )
+        require_choice(self, "ce_off_policy_correction", CE_OFF_POLICY_CORRECTIONS)
         if self.loss_type in CE_LOSS_TYPES and self.ce_off_policy_correction == "error" and trains_on_stale_samples(
             self
         ):
@@ -404,8 +401,7 @@ class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments
         from urllib.parse import urlparse
 
         source, url = self.reference_source, self.reference_server_url
-        if source not in self.REFERENCE_SOURCES:
-            raise ValueError(f"reference_source must be one of {self.REFERENCE_SOURCES}, got {source!r}")
+        require_choice(self, "reference_source", self.REFERENCE_SOURCES)
         if source != "vllm_server" and url is not None:
             raise ValueError(
                 f"A reference vLLM server is configured ({url}) but reference_source={source!r}: set "
@@ -459,8 +455,7 @@ class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments
         super().__post_init__()
         _validate_common(self)
         self._validate_reference_source()
-        if self.margin_pairing not in PAIRINGS:
-            raise ValueError(f"margin_pairing must be one of {PAIRINGS}, got {self.margin_pairing!r}")
+        require_choice(self, "margin_pairing", PAIRINGS)
         if self.margin_clip and self.margin_clip_low > self.margin_clip_high:
             raise ValueError(
                 f"margin_clip_low ({self.margin_clip_low}) must not exceed margin_clip_high ({self.margin_clip_high})"

@@ -6,7 +6,6 @@ keeps the kit working for the day a session is lent an accelerator (docs/GPU_SMO
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -16,16 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from _scripts import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 KIT = ROOT / "benchmarks" / "gpu_smoke.py"
 
 
 @pytest.fixture(scope="module")
 def kit():
-    spec = importlib.util.spec_from_file_location("gpu_smoke", KIT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_smoke")
 
 
 @pytest.fixture

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_benchmark
+
 pytest.importorskip("matplotlib")
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "mini_repro.py"
-
 
 @pytest.fixture(scope="module")
 def mini_repro():
-    spec = importlib.util.spec_from_file_location("mini_repro", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mini_repro")
 
 
 def _finished_run(folder: Path, algorithm: str, seed: int, reward0: float) -> None:
