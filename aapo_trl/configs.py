@@ -258,6 +258,12 @@ class RewardArguments:
                   "no answer: 0)."},
     )
 
+    soft_punish_cache: int = field(
+        default=4096,
+        metadata={"help": "soft_overlong_punishment: the last tokens before max_completion_length over which the "
+                  "penalty ramps from 0 to -1 (DAPO Eq. 13, L_cache; the paper: 4096; verl: overlong_buffer.len)."},
+    )
+
     def __post_init__(self):
         self._validate_reward_arguments()
         if hasattr(super(), "__post_init__"):

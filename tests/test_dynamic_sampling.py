@@ -248,3 +248,32 @@ def test_local_batches_must_hold_whole_groups(tmp_path, monkeypatch):
                        per_device_train_batch_size=2)
     GRPOBaselineConfig(output_dir=str(tmp_path), use_cpu=True, dynamic_sampling=True, num_generations=4,
                        per_device_train_batch_size=2, steps_per_generation=2, gradient_accumulation_steps=2)
+
+
+# ---- DAPO's overlong reward shaping, as a named reward --------------------------------------------------------------
+
+
+def test_soft_overlong_punishment_is_trls_reward_built_from_the_config(tmp_path):
+    from trl.rewards import get_soft_overlong_punishment
+
+    from aapo_trl.rewards import get_reward_funcs
+
+    config = GRPOBaselineConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8,
+                                max_completion_length=10, soft_punish_cache=4)
+    (reward,) = get_reward_funcs(["soft_overlong_punishment"], config)
+    lengths = [[1] * n for n in (3, 6, 7, 9, 10)]
+    assert reward(completion_ids=lengths) == get_soft_overlong_punishment(10, 4)(lengths) == [0, 0, -0.25, -0.75, -1]
+    assert reward.parameters() == {"max_completion_len": 10, "soft_punish_cache": 4}
+
+
+@pytest.mark.parametrize("max_length, cache, message", [
+    (10, 11, r"soft_punish_cache \(11\) must not exceed max_completion_length \(10\)"),
+    (10, 0, "soft_punish_cache must be a positive token count"),
+])
+def test_soft_overlong_punishment_refuses_a_cache_it_cannot_ramp_over(max_length, cache, message, tmp_path):
+    from aapo_trl.rewards import get_reward_funcs
+
+    config = GRPOBaselineConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8,
+                                max_completion_length=max_length, soft_punish_cache=cache)
+    with pytest.raises(ValueError, match=message):
+        get_reward_funcs(["soft_overlong_punishment"], config)
