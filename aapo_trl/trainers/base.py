@@ -138,12 +138,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
             )
         return self._greso_sampler
 
-    def _record_greso_rollouts(
-        self, rewards: torch.Tensor, num_generations: int, refill_prompt_ids: list[int] | None = None
-    ) -> None:
-        if refill_prompt_ids is not None:  # a dynamic-sampling refill: not GRESO-filtered, but GRESO learns from it
-            self.greso_filter.record(refill_prompt_ids, rewards.view(-1, num_generations))
-            return
+    def _record_greso_rollouts(self, rewards: torch.Tensor, num_generations: int) -> None:
         (chunk,) = self._greso_sampler.mark_consumed()
         self.greso_filter.record(chunk.prompt_ids, rewards.view(-1, num_generations), epoch=chunk.epochs)
         # the share of candidates skipped to fill this generation batch (decided when the DataLoader pulled it)
@@ -346,7 +341,10 @@ class AdvantageTrainerMixin(ModelCardMixin):
         self._replace_logged_advantages(advantages)
         self._log_zero_advantage_metrics(rewards, advantages, num_generations, mode)
         if self.greso_filter is not None and mode == "train":
-            self._record_greso_rollouts(rewards, num_generations, refill_prompt_ids)
+            if refill_prompt_ids is None:
+                self._record_greso_rollouts(rewards, num_generations)
+            else:  # a dynamic-sampling refill round: not GRESO-filtered, but GRESO learns from it
+                self.greso_filter.record(refill_prompt_ids, rewards.view(-1, num_generations))
         return _Round(output, rewards, advantages, scored)
 
     def _compute_loss(self, model, inputs):
