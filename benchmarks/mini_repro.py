@@ -451,14 +451,14 @@ def report(args) -> int:
     steps = []
     for run_dir in finished:
         data = json.loads((run_dir / RESULTS_FILE).read_text())
-        s = data["summary"]
+        s = {**run_costs(data), **data["summary"]}
         steps.append(f"| {run_dir.name} | {_fmt(s.get('train_accuracy_first_step'))} | "
                      f"{_fmt(s.get('train_accuracy_last5'))} | {s.get('first_step_train_accuracy_ge_0_6') or '-'} | "
                      f"{s.get('first_step_train_accuracy_ge_0_8') or '-'} | {data['timing']['train_s']} | "
                      f"{data['timing']['total_s']} | {data['peak_rss_gb']} | "
                      f"{_fmt(s.get('completions_per_step'), 1)} | "
                      f"{_fmt(s.get('completions_per_group_with_signal'), 1)} | {_fmt(s.get('step_time_s'), 1)} | "
-                     f"{data['recipe'].get('truncated_completions', '-') if 'recipe' in data else '-'} |")
+                     f"{truncation_of(data)} |")
     table = ("| run | train acc. step 1 | train acc. last 5 | first step acc. >= 0.6 (5-step mean) | "
              "first step acc. >= 0.8 | train s | total s | peak RSS GB | completions / step | "
              "completions / group with signal | s / step | truncated_completions |\n"
@@ -467,6 +467,22 @@ def report(args) -> int:
     print("\n" + table)
     print(f"\nreport: {result['markdown']} (plots beside it), {out / 'report' / 'training.md'}")
     return 0
+
+
+def run_costs(data: dict) -> dict:
+    """:func:`generation_cost` of a finished run, from its log history (runs published before it was recorded)."""
+    prompts = RECIPE["per_device_train_batch_size"] * RECIPE["gradient_accumulation_steps"] // RECIPE["num_generations"]
+    return generation_cost(series_from(data.get("log_history", [])), prompts, RECIPE["num_generations"])
+
+
+def truncation_of(data: dict) -> str:
+    """The ``truncated_completions`` setting a run trained with (the last one on its command line wins)."""
+    recipe = data.get("recipe", {})
+    if recipe.get("truncated_completions"):
+        return recipe["truncated_completions"]
+    argv = recipe.get("train_argv", [])
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--truncated_completions"]
+    return values[-1] if values else "-"
 
 
 def _round_floats(value, digits: int = 6):

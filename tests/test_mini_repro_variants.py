@@ -46,3 +46,14 @@ def test_generation_cost_of_a_dynamic_sampling_run(mini_repro):
     # a step that trained no group with signal (exhausted, train_kept) logs no cost per kept group
     series.append({"generated_completions": 256.0, "completions_per_kept_group": None, "step_time_s": 1.0})
     assert mini_repro.generation_cost(series, 4, 8)["completions_per_group_with_signal"] == pytest.approx(352 / 8)
+
+
+def test_runs_published_before_the_cost_was_recorded_get_it_from_their_log(mini_repro):
+    history = [{"step": 1, "zero_adv/frac_groups": 0.5, "step_time": 3.0},
+               {"step": 2, "zero_adv/frac_groups": 0.25, "step_time": 5.0}]
+    data = {"summary": {}, "log_history": history, "recipe": {"train_argv": ["--truncated_completions", "score"]}}
+    assert mini_repro.run_costs(data) == {"completions_per_step": 32.0,
+                                          "completions_per_group_with_signal": 64 / 5, "step_time_s": 4.0}
+    assert mini_repro.truncation_of(data) == "score"
+    assert mini_repro.truncation_of({"recipe": {"truncated_completions": "unscorable", "train_argv": []}}) == "unscorable"
+    assert mini_repro.truncation_of({"recipe": {"train_argv": []}}) == "-"  # not recorded
