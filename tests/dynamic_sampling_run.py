@@ -20,11 +20,12 @@ from _training import CPU_ARGS  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from aapo_trl.configs import AAPOConfig, GRPOBaselineConfig, ZAPOConfig  # noqa: E402
-from aapo_trl.trainers import AAPOTrainer, GRPOBaselineTrainer, ZAPOTrainer  # noqa: E402
+from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig  # noqa: E402
+from aapo_trl.trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer, ZAPOTrainer  # noqa: E402
 
 TRAINERS = {
     "grpo": (GRPOBaselineConfig, GRPOBaselineTrainer),
+    "gpg": (GPGConfig, GPGTrainer),
     "aapo": (AAPOConfig, AAPOTrainer),
     "zapo": (ZAPOConfig, ZAPOTrainer),
 }

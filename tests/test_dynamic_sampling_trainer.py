@@ -40,7 +40,7 @@ def assert_full_of_signal(result, groups=run.GLOBAL_PROMPTS):
         assert batch["metrics"]["dynamic_sampling/rounds"] >= 1
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "aapo", "zapo"])
+@pytest.mark.parametrize("algorithm", ["grpo", "gpg", "aapo", "zapo"])
 def test_every_trainer_trains_a_full_batch_of_groups_with_signal(algorithm, tiny_model_path, tmp_path):
     result = train(algorithm, tiny_model_path, tmp_path)
     assert len(result["batches"]) == 3
