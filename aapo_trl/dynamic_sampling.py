@@ -244,12 +244,16 @@ def merge_generation_rows(
 ) -> dict[str, Any]:
     """One batch of TRL's ``_generate_and_score_completions`` layout from rows of several of its outputs.
 
-    ``rows`` are ``(output index, row index)``. Token tensors are padded to a common width (prompts on the
-    left, completions on the right, as TRL pads them). ``num_items_in_batch`` is left out: it is a global count
-    the caller recomputes. A key this function does not know (e.g. multimodal inputs) raises.
+    ``rows`` are ``(output index, row index)``; outputs no row refers to may be ``None`` (freed). Token tensors
+    are padded to a common width (prompts on the left, completions on the right, as TRL pads them).
+    ``num_items_in_batch`` is left out: it is a global count the caller recomputes. A key this function does not
+    know (e.g. multimodal inputs) raises.
     """
-    keys = set(outputs[0])
-    for output in outputs[1:]:
+    used = sorted({o for o, _ in rows})
+    if not used:
+        raise ValueError("merge_generation_rows needs at least one row")
+    keys = set(outputs[used[0]])
+    for output in (outputs[o] for o in used[1:]):
         if set(output) != keys:
             raise ValueError(f"generation rounds returned different keys: {sorted(keys)} vs {sorted(output)}")
     unknown = keys - set(_LEFT_PADDED) - set(_RIGHT_PADDED) - _PER_ROW - _RECOMPUTED
@@ -260,19 +264,18 @@ def merge_generation_rows(
         )
     merged: dict[str, Any] = {}
     for key in sorted(keys - _RECOMPUTED):
-        tensors = [output[key] for output in outputs]
-        if tensors[0] is None:
+        tensors = {o: outputs[o][key] for o in used}
+        if tensors[used[0]] is None:
             merged[key] = None
             continue
-        if key in _PER_ROW or tensors[0].dim() == 1:
-            picked = [tensors[o][r] for o, r in rows]
-            merged[key] = torch.stack(picked) if picked else tensors[0][:0]
+        if key in _PER_ROW or tensors[used[0]].dim() == 1:
+            merged[key] = torch.stack([tensors[o][r] for o, r in rows])
             continue
         left = key in _LEFT_PADDED
         value = (_LEFT_PADDED if left else _RIGHT_PADDED)[key]
         value = pad_token_id if value == "pad" else value
-        width = max(t.size(1) for t in tensors)
-        padded = [_pad_to(t, width, value, left) for t in tensors]
+        width = max(t.size(1) for t in tensors.values())
+        padded = {o: _pad_to(t, width, value, left) for o, t in tensors.items()}
         merged[key] = torch.stack([padded[o][r] for o, r in rows])
     return merged
 

@@ -207,6 +207,27 @@ def test_filler_rows_leave_the_loss_mask_and_token_count():
     assert loss_mask_tokens(merged).item() == 3
 
 
+def test_merge_ignores_freed_outputs_no_row_refers_to():
+    a, b = _output(2, 3, 2, 0.0), _output(3, 1, 2, 10.0)
+    merged = merge_generation_rows([None, b], [(1, 0)], pad_token_id=0)
+    assert merged["completion_ids"].tolist() == [[500]] and merged["advantages"].tolist() == [10.0]
+    assert merge_generation_rows([a, None], [(0, 1)], pad_token_id=0)["prompt_ids"].tolist() == [[102, 103]]
+
+
+def test_a_round_left_out_of_the_selection_is_never_needed_again():
+    """What lets the trainer free a round's tensors as soon as no process can train its rows."""
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        rounds = RoundsSelection(num_processes=2, groups_per_process=3)
+        dropped: set[tuple[int, int]] = set()  # (process, round) freed
+        for _ in range(6):
+            rounds.add_round((torch.rand(6, generator=generator) < 0.3).tolist())
+            needed = {p: {r for r, _, _ in rounds.selection(p, allow_filler=True)} for p in (0, 1)}
+            for process in (0, 1):
+                assert not {r for p, r in dropped if p == process} & needed[process]
+                dropped |= {(process, r) for r in range(rounds.num_rounds) if r not in needed[process]}
+
+
 def test_merge_refuses_outputs_it_cannot_pad():
     output = dict(_output(2, 2, 2, 0.0), pixel_values=torch.zeros(2, 3))
     with pytest.raises(ValueError, match="pixel_values"):

@@ -167,7 +167,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
         self._refill_fingerprint = dataset_fingerprint(dataset)
         self._refill_dataset = None  # the DataLoader's view of the dataset, built on first use
 
-    def _refill_rows(self, index: int) -> dict[str, Any]:
+    def _refill_row(self, index: int) -> dict[str, Any]:
         """Row ``index`` as the training DataLoader yields it (same columns)."""
         if self._refill_dataset is None:
             dataset = self.train_dataset
@@ -221,9 +221,14 @@ class AdvantageTrainerMixin(ModelCardMixin):
             prompt_ids = self.refill_stream.take(selection.groups_per_round)
             start = accelerator.process_index * groups_per_process
             local = prompt_ids[start : start + groups_per_process]
-            refill = [self._refill_rows(index) for index in local for _ in range(num_generations)]
+            refill = [self._refill_row(index) for index in local for _ in range(num_generations)]
             rounds.append(self._generate_score_and_advantage(refill, refill_prompt_ids=prompt_ids))
             selection.add_round(self._group_signal(rounds[-1], num_generations))
+            # free the rounds this process can no longer train (neither kept groups nor the earliest fillers)
+            needed = {r for r, _, _ in selection.selection(accelerator.process_index, allow_filler=True)}
+            for index, round_ in enumerate(rounds):
+                if index not in needed:
+                    round_.output = None
 
         chosen = selection.selection(accelerator.process_index, allow_filler=exhausted)
         rows = [(r, g * num_generations + k) for r, g, _ in chosen for k in range(num_generations)]
