@@ -66,14 +66,14 @@ def combine_reward_functions(rewards_per_func: torch.Tensor, weights: torch.Tens
     return combined.masked_fill(unscorable, float("nan"))
 
 
-def zero_advantage_groups(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """One bool per group: True where the group's scorable rewards spread by at most ``ZERO_VARIANCE_TOL``."""
+def zero_advantage_groups(rewards: torch.Tensor, num_generations: int, tol: float = ZERO_VARIANCE_TOL) -> torch.Tensor:
+    """One bool per group: True where the group's scorable rewards spread by at most ``tol`` (``ZERO_VARIANCE_TOL``)."""
     grouped = _grouped(rewards, num_generations)
     valid = ~torch.isnan(grouped)
     inf = torch.tensor(float("inf"), device=grouped.device)
     spread = torch.where(valid, grouped, -inf).amax(dim=1) - torch.where(valid, grouped, inf).amin(dim=1)
     few_scorable = valid.sum(dim=1) < 2
-    return few_scorable | (spread <= ZERO_VARIANCE_TOL)
+    return few_scorable | (spread <= tol)
 
 
 def group_relative_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group") -> torch.Tensor:
@@ -157,9 +157,11 @@ def gpg_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "gr
     return base * (total / (total - in_zero_groups))
 
 
-def zero_final_advantage_groups(advantages: torch.Tensor, num_generations: int) -> torch.Tensor:
-    """One bool per group: True where every final advantage of the group is (numerically) zero."""
-    return _grouped(advantages, num_generations).abs().amax(dim=1) <= ZERO_VARIANCE_TOL
+def zero_final_advantage_groups(
+    advantages: torch.Tensor, num_generations: int, tol: float = ZERO_VARIANCE_TOL
+) -> torch.Tensor:
+    """One bool per group: True where every final advantage of the group is at most ``tol`` in magnitude."""
+    return _grouped(advantages, num_generations).abs().amax(dim=1) <= tol
 
 
 def cross_entropy_policy_loss(

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 from .advantages import PAIRINGS
+from .dynamic_sampling import EXHAUSTION_POLICIES as DYNAMIC_SAMPLING_EXHAUSTION
+from .dynamic_sampling import METRICS as DYNAMIC_SAMPLING_METRICS
 from .rewards import COSINE_LENGTH_UNITS
 from .zapo_math import DIFFICULTY_KINDS, ENTROPY_COMBINES, TIME_SCHEDULES, check_zapo_options
 
@@ -85,6 +87,104 @@ class GRESOArguments:
     greso_min_keep_probability: float = field(
         default=0.01, metadata={"help": "A prompt is never skipped with probability above 1 - this (GRESO)."}
     )
+
+
+@dataclass
+class DynamicSamplingArguments:
+    """DAPO's dynamic sampling (Yu et al. 2025, arXiv 2503.14476, Sec. 3.2, Eq. 11; verl's
+    ``algorithm.filter_groups``), available to every trainer; off by default (aapo_trl.dynamic_sampling)."""
+
+    dynamic_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "DAPO's dynamic sampling (Sec. 3.2; verl: algorithm.filter_groups.enable): drop the groups without "
+            "signal under dynamic_sampling_metric and generate further rounds of prompts (from a checkpointed stream "
+            "over the training data) until the generation batch holds as many groups with signal as configured."
+        },
+    )
+    dynamic_sampling_metric: str = field(
+        default="reward",
+        metadata={
+            "help": "What a group needs to be kept: 'reward' (the combined reward spreads by more than "
+            "dynamic_sampling_tolerance within the group; DAPO's rule as verl's metric=seq_reward applies it), "
+            "'accuracy' (both correct and incorrect answers in the group, DAPO Eq. 11; verl's metric=acc; see "
+            "dynamic_sampling_accuracy_reward), or 'final_advantage' (some final advantage is non-zero: under AAPO "
+            "or ZAPO only the groups those methods leave at zero are dropped).",
+            "choices": list(DYNAMIC_SAMPLING_METRICS),
+        },
+    )
+    dynamic_sampling_max_rounds: int = field(
+        default=0,
+        metadata={
+            "help": "Most generation rounds per generation batch, the first included (verl: "
+            "algorithm.filter_groups.max_num_gen_batches); 0 = no limit."
+        },
+    )
+    dynamic_sampling_on_exhaustion: str = field(
+        default="error",
+        metadata={
+            "help": "When dynamic_sampling_max_rounds rounds leave the batch short: 'error' (verl's behaviour) stops "
+            "with the step and the kept fraction; 'train_kept' trains on the groups kept so far (the missing places "
+            "are groups without signal whose loss mask is zeroed), warns, and counts it in "
+            "dynamic_sampling/exhausted.",
+            "choices": list(DYNAMIC_SAMPLING_EXHAUSTION),
+        },
+    )
+    dynamic_sampling_tolerance: float = field(
+        default=1e-6,
+        metadata={
+            "help": "A spread (max - min reward, metric 'reward') or final advantage magnitude (metric "
+            "'final_advantage') at or below this counts as zero: float noise is no signal (verl tests std > 0)."
+        },
+    )
+    dynamic_sampling_accuracy_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "metric 'accuracy': the reward function (by its logged name) whose value >= "
+            "dynamic_sampling_correct_threshold means a correct answer, e.g. the accuracy reward when a length "
+            "penalty is added to it (verl's 'acc' field); default: the combined reward."
+        },
+    )
+    dynamic_sampling_correct_threshold: float = field(
+        default=0.95,
+        metadata={"help": "metric 'accuracy': a value >= this is a correct answer (as greso_correct_threshold)."},
+    )
+
+    def __post_init__(self):
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+        self._validate_dynamic_sampling()
+
+    def _validate_dynamic_sampling(self) -> None:
+        if self.dynamic_sampling_metric not in DYNAMIC_SAMPLING_METRICS:
+            raise ValueError(
+                f"dynamic_sampling_metric must be one of {DYNAMIC_SAMPLING_METRICS}, "
+                f"got {self.dynamic_sampling_metric!r}"
+            )
+        if self.dynamic_sampling_on_exhaustion not in DYNAMIC_SAMPLING_EXHAUSTION:
+            raise ValueError(
+                f"dynamic_sampling_on_exhaustion must be one of {DYNAMIC_SAMPLING_EXHAUSTION}, "
+                f"got {self.dynamic_sampling_on_exhaustion!r}"
+            )
+        rounds = self.dynamic_sampling_max_rounds
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"dynamic_sampling_max_rounds must be a whole number >= 0 (0 = no limit), got {rounds!r}")
+        tolerance = self.dynamic_sampling_tolerance
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+            raise ValueError(f"dynamic_sampling_tolerance must be a finite number >= 0, got {tolerance!r}")
+        threshold = self.dynamic_sampling_correct_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            raise ValueError(f"dynamic_sampling_correct_threshold must be a finite number, got {threshold!r}")
+        if not self.dynamic_sampling:
+            return
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if local_rows % self.num_generations:
+            raise ValueError(
+                f"dynamic_sampling needs whole groups on every process (rows are never moved between processes): "
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) x steps_per_generation "
+                f"({self.steps_per_generation}) = {local_rows} rows is not a multiple of num_generations "
+                f"({self.num_generations}). Change per_device_train_batch_size or steps_per_generation."
+            )
 
 
 UNSCORABLE_POLICIES = ("error", "unscorable")
@@ -161,6 +261,12 @@ class RewardArguments:
                   "no answer: 0)."},
     )
 
+    soft_punish_cache: int = field(
+        default=4096,
+        metadata={"help": "soft_overlong_punishment: the last tokens before max_completion_length over which the "
+                  "penalty ramps from 0 to -1 (DAPO Eq. 13, L_cache; the paper: 4096; verl: overlong_buffer.len)."},
+    )
+
     def __post_init__(self):
         self._validate_reward_arguments()
         if hasattr(super(), "__post_init__"):
@@ -229,7 +335,10 @@ class CrossEntropyLossArguments:
 
 
 @dataclass
-class GRPOBaselineConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class GRPOBaselineConfig(
+    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
+    GRPOConfig,
+):
     """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
 
     def __post_init__(self):
@@ -239,7 +348,10 @@ class GRPOBaselineConfig(CrossEntropyLossArguments, RewardArguments, RobustnessA
 
 
 @dataclass
-class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class AAPOConfig(
+    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
+    GRPOConfig,
+):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
 
@@ -465,7 +577,10 @@ class AAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments
 
 
 @dataclass
-class GPGConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class GPGConfig(
+    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
+    GRPOConfig,
+):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
 
@@ -496,7 +611,10 @@ class GPGConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments,
 
 
 @dataclass
-class ZAPOConfig(CrossEntropyLossArguments, RewardArguments, RobustnessArguments, GRESOArguments, GRPOConfig):
+class ZAPOConfig(
+    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
+    GRPOConfig,
+):
     r"""
     Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the
     paper's (ZAPO, section 4 and appendix B). The TDAR coefficient is named `tdar_beta` because `beta` is TRL's KL

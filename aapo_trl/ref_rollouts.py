@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -777,7 +778,11 @@ def resolve_options(args: argparse.Namespace) -> dict:
     from .rewards import REWARD_SETTINGS
 
     # the recipe's reward parameters (cosine_max_len, correct_reward...): the cache is scored as training scores
-    reward_fields = sorted({name for _, fields in REWARD_SETTINGS.values() for name in fields})
+    # (max_completion_length, which sets soft_overlong_punishment, is the sampling option of the same name)
+    from .configs import RewardArguments
+
+    own_fields = {f.name for f in dataclasses.fields(RewardArguments)}
+    reward_fields = sorted({name for _, fields in REWARD_SETTINGS.values() for name in fields} & own_fields)
     options["reward_settings"] = {name: recipe[name] for name in reward_fields if recipe.get(name) is not None}
     return options
 
@@ -805,6 +810,7 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
     from .rewards import get_reward_funcs
 
     reward_settings = RewardArguments(**options["reward_settings"])  # a bad value fails naming its field
+    reward_settings.max_completion_length = options["max_completion_length"]  # soft_overlong_punishment's L_max
     reward_funcs = get_reward_funcs(options["reward_funcs"], reward_settings)  # fails on a typo before anything loads
     dataset = load_prompt_dataset(
         options["dataset"],

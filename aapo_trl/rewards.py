@@ -497,6 +497,47 @@ def make_final_number_zapo_reward(correct: float = 1.0, incorrect: float = 0.1, 
     return _ThreeLevelReward("final_number_zapo", _final_number_grades, correct, incorrect, no_answer)
 
 
+class _SoftOverlongPunishment:
+    """TRL's soft overlong punishment (``trl.rewards.get_soft_overlong_punishment``, DAPO Eq. 13) under the name
+    aapo-trl registers it as, with the arguments it was built with. Callable, not a closure, so it pickles."""
+
+    __name__ = "soft_overlong_punishment"
+
+    def __init__(self, max_completion_len: int, soft_punish_cache: int):
+        from trl.rewards import get_soft_overlong_punishment
+
+        for name, value in (("max_completion_length", max_completion_len), ("soft_punish_cache", soft_punish_cache)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"soft_overlong_punishment: {name} must be a positive token count, got {value!r}")
+        if soft_punish_cache > max_completion_len:
+            raise ValueError(
+                f"soft_overlong_punishment: soft_punish_cache ({soft_punish_cache}) must not exceed "
+                f"max_completion_length ({max_completion_len}): the penalty ramps over the last soft_punish_cache "
+                "tokens"
+            )
+        self.trl_reward = get_soft_overlong_punishment(max_completion_len, soft_punish_cache)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"max_completion_len": self.trl_reward.max_completion_len,
+                "soft_punish_cache": self.trl_reward.soft_punish_cache}
+
+    def __call__(self, completion_ids, **kwargs) -> list[float]:
+        return self.trl_reward(completion_ids)
+
+    def __repr__(self) -> str:
+        return f"soft_overlong_punishment({self.parameters()})"
+
+
+def make_soft_overlong_punishment(max_completion_len: int = 20480, soft_punish_cache: int = 4096) -> RewardFunc:
+    """DAPO's overlong reward shaping (Yu et al. 2025, Sec. 3.4, Eq. 13), computed by TRL's reward: 0 up to
+    ``max_completion_len - soft_punish_cache`` tokens, then a linear ramp to -1 at ``max_completion_len``.
+
+    Defaults: the DAPO paper's 16,384 expected tokens + 4,096 soft punish cache (Sec. 4.1); a config builds it
+    from ``max_completion_length`` and ``soft_punish_cache``. verl calls the cache ``overlong_buffer.len``.
+    """
+    return _SoftOverlongPunishment(max_completion_len, soft_punish_cache)
+
+
 # --------------------------------------------------------------------------- registry
 
 REWARD_REGISTRY: dict[str, RewardFunc] = {
@@ -509,6 +550,7 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
         make_accuracy_zapo_reward(),
         final_number_reward,
         make_final_number_zapo_reward(),
+        make_soft_overlong_punishment(),
     )
 }
 
@@ -525,6 +567,10 @@ REWARD_SETTINGS: dict[str, tuple[Callable[..., RewardFunc], dict[str, str]]] = {
     "accuracy_zapo": (make_accuracy_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}),
     "final_number_zapo": (
         make_final_number_zapo_reward, {"correct_reward": "correct", "incorrect_reward": "incorrect"}
+    ),
+    "soft_overlong_punishment": (
+        make_soft_overlong_punishment,
+        {"max_completion_length": "max_completion_len", "soft_punish_cache": "soft_punish_cache"},
     ),
 }
 """The registered rewards that take parameters: their factory, and which config field sets which argument.
@@ -603,6 +649,7 @@ __all__ = [
     "format_reward",
     "get_reward_funcs",
     "make_accuracy_zapo_reward",
+    "make_soft_overlong_punishment",
     "make_cosine_reward",
     "normalize_dapo_answer",
     "tag_count_reward",

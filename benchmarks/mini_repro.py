@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The CPU reproduction: GRPO, GPG, AAPO and ZAPO on SmolLM2-135M-Instruct + the built-in arithmetic set.
 
-    python benchmarks/mini_repro.py [run] [--algorithms grpo gpg aapo zapo] [--seeds 0 1 2] [--out DIR]
+    python benchmarks/mini_repro.py [run] [--algorithms grpo gpg aapo zapo grpo-greso grpo-ds] [--seeds 0 1 2]
     python benchmarks/mini_repro.py difficulty [--levels ...]   # base accuracy per level (choose the mix)
     python benchmarks/mini_repro.py report [--out DIR]          # table + plots of the finished runs
     python benchmarks/mini_repro.py publish [--out DIR] [--to docs/results/mini_repro]
@@ -33,6 +33,13 @@ Every run (the recipe, :data:`RECIPE`; change it with the flags below or ``--tra
   GPG: CE loss; ZAPO: alpha 2, TDAR beta 5, GRPO clipped loss; GRPO: TRL's loss, beta 0); no GRESO (it only
   filters prompts already seen, and 30 steps x 4 prompts is less than one pass over the data).
 
+Variants (``--algorithms``, beside the four algorithms; not in the default list): ``grpo-greso`` (GRPO + GRESO)
+and ``grpo-ds`` (GRPO + DAPO's dynamic sampling, :data:`VARIANTS`: metric ``reward``, i.e. groups whose
+``final_number`` rewards spread, at most 8 rounds of 4 prompts, then the kept groups are trained). Every run's
+summary also records what a step cost in generation (:func:`generation_cost`): completions generated per
+optimizer step, completions generated per trained group with signal, and wall seconds per step, and
+``results.json`` names the ``truncated_completions`` setting it trained with.
+
 Held-out accuracy before and after training, on the held-out problems of the same levels: greedy, and
 pass@1 over ``--eval-samples`` (4) samples at the training temperature, under the training token budget;
 a completion that hits the budget without stopping counts as wrong (in training the recipe keeps such
@@ -61,6 +68,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("grpo", "gpg", "aapo", "zapo")
+# Variants: a run name -> (its trainer, the recipe fields it adds). Their runs are named and reported as the variant.
+VARIANTS = {
+    "grpo-greso": ("grpo", {"greso": True}),
+    # DAPO's dynamic sampling: rounds of 4 prompts until the step's 4 groups all have a spread of final_number;
+    # after 8 rounds it trains the groups kept so far (the counter dynamic_sampling/exhausted_total says how often)
+    "grpo-ds": ("grpo", {"dynamic_sampling": True, "dynamic_sampling_metric": "reward",
+                         "dynamic_sampling_max_rounds": 8, "dynamic_sampling_on_exhaustion": "train_kept"}),
+}
+RUNS = ALGORITHMS + tuple(VARIANTS)
 DEFAULT_LEVELS = ("add1", "sub1", "mul1")
 DATA_SEED = 0
 RESULTS_FILE = "results.json"
@@ -93,6 +109,11 @@ SERIES_KEYS = {
     "zero_adv_after": "zero_adv/frac_groups_final",
     "all_zero_batch": "zero_adv/all_zero_batch",
     "completion_length": "completions/mean_length",
+    "step_time_s": "step_time",
+    # dynamic-sampling runs only (the others generate prompts x G completions per step, one round)
+    "generated_completions": "dynamic_sampling/generated_completions",
+    "completions_per_kept_group": "dynamic_sampling/completions_per_kept_group",
+    "rounds": "dynamic_sampling/rounds",
 }
 
 
@@ -208,13 +229,19 @@ def evaluate(model, tokenizer, dataset, *, samples: int, max_new_tokens: int, te
 # ==================================================================================================
 
 
-def train_argv(args, algorithm: str, seed: int, run_dir: Path) -> list[str]:
+def trainer_of(run: str) -> str:
+    """The algorithm (trainer) a run name trains with: ``grpo-ds`` -> ``grpo``."""
+    return VARIANTS[run][0] if run in VARIANTS else run
+
+
+def train_argv(args, run: str, seed: int, run_dir: Path) -> list[str]:
+    algorithm = trainer_of(run)
     funcs, weights = REWARDS.get(algorithm, DEFAULT_REWARDS)
     argv = ["--model_name_or_path", args.model, "--output_dir", str(run_dir), "--seed", str(seed),
             "--max_steps", str(args.steps), "--reward_funcs", *funcs]
     if weights is not None:
         argv += ["--reward_weights", *map(str, weights)]
-    recipe = dict(RECIPE, max_completion_length=args.max_completion_length)
+    recipe = dict(RECIPE, max_completion_length=args.max_completion_length, **VARIANTS.get(run, (None, {}))[1])
     for key, value in recipe.items():
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv + list(args.train_args)
@@ -223,6 +250,33 @@ def train_argv(args, algorithm: str, seed: int, run_dir: Path) -> list[str]:
 def series_from(log_history: list[dict]) -> list[dict]:
     steps = [e for e in log_history if "zero_adv/frac_groups" in e and "step" in e]
     return [{"step": e["step"], **{name: e.get(key) for name, key in SERIES_KEYS.items()}} for e in steps]
+
+
+def generation_cost(series: list[dict], prompts_per_step: int, num_generations: int) -> dict:
+    """What a step cost in generation, for the runs with dynamic sampling and without alike.
+
+    ``completions_per_step``: completions generated per optimizer step (one generation batch per step in this
+    recipe). ``completions_per_group_with_signal``: completions generated per trained group whose rewards spread
+    (dynamic sampling: every trained group, its ``completions_per_kept_group``; otherwise prompts x G over the
+    groups with signal, ``1 - zero_adv_before``). ``step_time_s``: TRL's wall time per optimizer step.
+    """
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+    generated = [e.get("generated_completions") for e in series]
+    if any(v is not None for v in generated):
+        per_step = mean(generated)
+        total_kept = sum(e["generated_completions"] / e["completions_per_kept_group"] for e in series
+                         if e.get("generated_completions") and e.get("completions_per_kept_group"))
+        per_signal_group = sum(v for v in generated if v is not None) / total_kept if total_kept else None
+    else:
+        per_step = float(prompts_per_step * num_generations)
+        signal_groups = sum(prompts_per_step * (1 - e["zero_adv_before"]) for e in series
+                            if e.get("zero_adv_before") is not None)
+        per_signal_group = per_step * len(series) / signal_groups if signal_groups else None
+    return {"completions_per_step": per_step, "completions_per_group_with_signal": per_signal_group,
+            "step_time_s": mean(e.get("step_time_s") for e in series)}
 
 
 def first_step_at(series: list[dict], key: str, threshold: float, window: int = 5) -> int | None:
@@ -261,15 +315,16 @@ def run_one(args) -> int:
     from aapo_trl import train as entry
     from aapo_trl.rewards import get_reward_funcs
 
-    algorithm, seed = args.algorithm, args.seed
-    run_dir = Path(args.out) / f"{algorithm}-seed{seed}"
+    run_name, seed = args.algorithm, args.seed
+    algorithm = trainer_of(run_name)
+    run_dir = Path(args.out) / f"{run_name}-seed{seed}"
     if (run_dir / RESULTS_FILE).exists():
         print(f"[{run_dir.name}] finished already ({run_dir / RESULTS_FILE})")
         return 0
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     started = time.time()
-    script_args, training_args, model_args = entry.parse_args(algorithm, train_argv(args, algorithm, seed, run_dir))
+    script_args, training_args, model_args = entry.parse_args(algorithm, train_argv(args, run_name, seed, run_dir))
     train_set = load_split("train", args.levels, args.eval_problems)
     heldout = load_split("test", args.levels, args.eval_problems)
     model, tokenizer = entry.load_policy(model_args, training_args)
@@ -294,6 +349,7 @@ def run_one(args) -> int:
 
     history = trainer.state.log_history
     summary = entry.summarize(history, algorithm, time.time() - started)
+    summary["algorithm"] = run_name  # a variant is reported (and aggregated) under its own name
     series = series_from(history)
     accuracies = [e["train_accuracy"] for e in series if e["train_accuracy"] is not None]
     summary.update(
@@ -301,6 +357,8 @@ def run_one(args) -> int:
         train_accuracy_last5=sum(accuracies[-5:]) / len(accuracies[-5:]) if accuracies else None,
         first_step_train_accuracy_ge_0_6=first_step_at(series, "train_accuracy", 0.6),
         first_step_train_accuracy_ge_0_8=first_step_at(series, "train_accuracy", 0.8),
+        **generation_cost(series, RECIPE["per_device_train_batch_size"] * RECIPE["gradient_accumulation_steps"]
+                          // RECIPE["num_generations"], RECIPE["num_generations"]),
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer.state.save_to_json(str(run_dir / "trainer_state.json"))
@@ -308,13 +366,15 @@ def run_one(args) -> int:
     if args.save_model:
         trainer.save_model(str(run_dir / "model"))
     results = {
-        "algorithm": algorithm,
+        "algorithm": run_name,
+        "trainer": algorithm,
         "seed": seed,
         "recipe": {
             "model": args.model, "levels": list(args.levels), "data_seed": DATA_SEED, "steps": args.steps,
             "train_prompts": len(train_set), "eval_problems_per_level": args.eval_problems,
             "eval_samples": args.eval_samples, "reward_funcs": script_args.reward_funcs,
-            "reward_weights": training_args.reward_weights, "train_argv": train_argv(args, algorithm, seed, run_dir),
+            "reward_weights": training_args.reward_weights, "train_argv": train_argv(args, run_name, seed, run_dir),
+            "truncated_completions": training_args.truncated_completions,
             "torch_threads": torch.get_num_threads(),
         },
         "summary": summary,
@@ -391,18 +451,38 @@ def report(args) -> int:
     steps = []
     for run_dir in finished:
         data = json.loads((run_dir / RESULTS_FILE).read_text())
-        s = data["summary"]
+        s = {**run_costs(data), **data["summary"]}
         steps.append(f"| {run_dir.name} | {_fmt(s.get('train_accuracy_first_step'))} | "
                      f"{_fmt(s.get('train_accuracy_last5'))} | {s.get('first_step_train_accuracy_ge_0_6') or '-'} | "
                      f"{s.get('first_step_train_accuracy_ge_0_8') or '-'} | {data['timing']['train_s']} | "
-                     f"{data['timing']['total_s']} | {data['peak_rss_gb']} |")
+                     f"{data['timing']['total_s']} | {data['peak_rss_gb']} | "
+                     f"{_fmt(s.get('completions_per_step'), 1)} | "
+                     f"{_fmt(s.get('completions_per_group_with_signal'), 1)} | {_fmt(s.get('step_time_s'), 1)} | "
+                     f"{truncation_of(data)} |")
     table = ("| run | train acc. step 1 | train acc. last 5 | first step acc. >= 0.6 (5-step mean) | "
-             "first step acc. >= 0.8 | train s | total s | peak RSS GB |\n|---|---|---|---|---|---|---|---|\n"
-             + "\n".join(steps))
+             "first step acc. >= 0.8 | train s | total s | peak RSS GB | completions / step | "
+             "completions / group with signal | s / step | truncated_completions |\n"
+             "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(steps))
     (out / "report" / "training.md").write_text(table + "\n")
     print("\n" + table)
     print(f"\nreport: {result['markdown']} (plots beside it), {out / 'report' / 'training.md'}")
     return 0
+
+
+def run_costs(data: dict) -> dict:
+    """:func:`generation_cost` of a finished run, from its log history (runs published before it was recorded)."""
+    prompts = RECIPE["per_device_train_batch_size"] * RECIPE["gradient_accumulation_steps"] // RECIPE["num_generations"]
+    return generation_cost(series_from(data.get("log_history", [])), prompts, RECIPE["num_generations"])
+
+
+def truncation_of(data: dict) -> str:
+    """The ``truncated_completions`` setting a run trained with (the last one on its command line wins)."""
+    recipe = data.get("recipe", {})
+    if recipe.get("truncated_completions"):
+        return recipe["truncated_completions"]
+    argv = recipe.get("train_argv", [])
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--truncated_completions"]
+    return values[-1] if values else "-"
 
 
 def _round_floats(value, digits: int = 6):
@@ -436,8 +516,8 @@ def publish(args) -> int:
     return report(args)
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def difficulty(args) -> int:
@@ -497,12 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train (and evaluate) every unfinished run, then write the report")
     shared(run)
-    run.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    run.add_argument("--algorithms", nargs="+", choices=RUNS, default=list(ALGORITHMS))
     run.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
 
     one = sub.add_parser("run-one", help="one (algorithm, seed) run in this process (what `run` launches)")
     shared(one)
-    one.add_argument("--algorithm", choices=ALGORITHMS, required=True)
+    one.add_argument("--algorithm", choices=RUNS, required=True)
     one.add_argument("--seed", type=int, required=True)
 
     rep = sub.add_parser("report", help="tables and plots of the finished runs under --out")

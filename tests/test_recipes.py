@@ -113,7 +113,8 @@ def test_every_paper_run_has_a_recipe():
 def test_recipe_parses_with_trl_and_keeps_its_values(path):
     text = path.read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
-    assert re.search(r"^# (Reproduces|Baseline for): (AAPO|ZAPO) paper, (Table|Figure) \d", "\n".join(header), re.M), (
+    assert re.search(r"^# (Reproduces|Baseline for): (AAPO|ZAPO|DAPO) paper, (Table|Figure) \d", "\n".join(header),
+                     re.M), (
         f"{path.name}: the header must cite the paper table/figure it reproduces")
     algorithm = algorithm_of(path)
     assert f"examples/train_{algorithm}.py --config examples/configs/{path.name}" in text
@@ -256,6 +257,41 @@ def test_baselines_match_their_run(run):
         assert num_processes(RECIPE_DIR / f"{baseline}.yaml") == num_processes(RECIPE_DIR / f"{run}.yaml")
 
 
+DYNAMIC_SAMPLING_VARIANTS = sorted(path.stem for path in RECIPES if path.stem.endswith("_dynamic-sampling"))
+DYNAMIC_SAMPLING_KEYS = {"dynamic_sampling", "dynamic_sampling_metric", "dynamic_sampling_max_rounds",
+                         "dynamic_sampling_on_exhaustion", "output_dir"}
+
+
+def test_every_zapo_grpo_baseline_has_a_dynamic_sampling_variant():
+    grpo_baselines = {b for run in ZAPO_RUNS for b in BASELINES[run] if b.startswith("grpo_") and "_greso" not in b}
+    assert {f"{b}_dynamic-sampling" for b in grpo_baselines} == set(DYNAMIC_SAMPLING_VARIANTS)
+
+
+@pytest.mark.parametrize("stem", DYNAMIC_SAMPLING_VARIANTS)
+def test_dynamic_sampling_variants_change_only_dynamic_sampling(stem):
+    values, base = recipe(stem), recipe(stem.removesuffix("_dynamic-sampling"))
+    changed = {k for k in set(values) | set(base) if values.get(k) != base.get(k)}
+    assert changed == DYNAMIC_SAMPLING_KEYS
+    assert values["dynamic_sampling"] is True and values["dynamic_sampling_metric"] == "reward"
+    assert values["dynamic_sampling_max_rounds"] == 10 and values["dynamic_sampling_on_exhaustion"] == "error"
+
+
+def test_dapo_recipe_is_the_papers_method_at_verls_7b_scale():
+    values = recipe("grpo_qwen2.5-math-7b_dapo-math-17k_dapo")
+    gpus = num_processes(RECIPE_DIR / "grpo_qwen2.5-math-7b_dapo-math-17k_dapo.yaml")
+    # the paper: clip-higher 0.2 / 0.28, token-level loss, no KL, 512 prompts x 16 responses, lr 1e-6
+    assert (values["epsilon"], values["epsilon_high"], values["loss_type"], values["beta"]) == (0.2, 0.28, "dapo", 0.0)
+    assert values["generation_batch_size"] == 512 * 16 and values["learning_rate"] == 1e-6
+    # verl's 7B recipe: mini-batch 32 prompts (16 optimizer steps per rollout), 2048 tokens, buffer 512
+    assert values["per_device_train_batch_size"] * gpus * values["gradient_accumulation_steps"] == 32 * 16
+    assert (values["max_completion_length"], values["soft_punish_cache"]) == (2048, 512)
+    assert values["reward_funcs"] == ["accuracy", "soft_overlong_punishment"] and values["reward_weights"] == [2.0, 1.0]
+    assert (values["dynamic_sampling"], values["dynamic_sampling_metric"]) == (True, "accuracy")
+    assert values["dynamic_sampling_accuracy_reward"] == "accuracy"
+    assert values["dynamic_sampling_max_rounds"] == 10 * 3  # verl: 10 rounds of 3 x 512 prompts
+    assert values["max_steps"] == 200 * 16 and values["warmup_steps"] == 10 * 16
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One real step of every recipe
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,6 +319,10 @@ def test_recipe_trains_one_step(path, tiny_model_path, tmp_path):
             "--push_to_hub", "false", "--disable_tqdm", "true", "--log_completions", "false"]
     if "generation_batch_size" in values:
         argv += ["--generation_batch_size", str(group)]
+    if "soft_overlong_punishment" in values["reward_funcs"]:  # its ramp must fit in the 4 new tokens
+        argv += ["--soft_punish_cache", "2"]
+    if values.get("dynamic_sampling"):  # a random tiny model rarely gives a group signal: bound the rounds
+        argv += ["--dynamic_sampling_max_rounds", "2", "--dynamic_sampling_on_exhaustion", "train_kept"]
     script, config, model = parse(path, *argv)
     assert config.num_generations == group and config.max_steps == 1
 
@@ -300,4 +340,6 @@ def test_recipe_trains_one_step(path, tiny_model_path, tmp_path):
         assert summary["easy_groups_mean"] is not None
     if values.get("greso"):
         assert "greso/p_easy" in logged
+    if values.get("dynamic_sampling"):
+        assert {"dynamic_sampling/rounds", "dynamic_sampling/kept_fraction"} <= logged
     assert (tmp_path / "model.safetensors").exists()

@@ -13,8 +13,10 @@ TRL owns the loop. We take three seams, calling ``super()`` and replacing one re
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -29,9 +31,22 @@ from ..advantages import (
     zero_advantage_groups,
     zero_final_advantage_groups,
 )
-from ..checkpointing import mark_checkpoint_complete, resolve_resume_checkpoint
+from ..checkpointing import atomic_write_json, mark_checkpoint_complete, resolve_resume_checkpoint
 from ..configs import CE_LOSS_TYPES
 from ..model_card import ModelCardMixin
+from ..dynamic_sampling import STATE_FILENAME as DYNAMIC_SAMPLING_STATE_FILENAME
+from ..dynamic_sampling import STATE_FORMAT as DYNAMIC_SAMPLING_STATE_FORMAT
+from ..dynamic_sampling import (
+    DynamicSamplingExhausted,
+    PromptStream,
+    RoundsSelection,
+    completions_per_kept_group,
+    exhaustion_message,
+    groups_with_signal,
+    loss_mask_tokens,
+    mask_filler_rows,
+    merge_generation_rows,
+)
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
 
@@ -49,6 +64,16 @@ class ScoredBatch:
     @property
     def num_local_rows(self) -> int:
         return len(self.prompts)
+
+
+@dataclass
+class _Round:
+    """One generation round: TRL's output for this process and the global rewards / final advantages."""
+
+    output: dict[str, Any]
+    rewards: torch.Tensor  # (N_global,), NaN for unscorable rows
+    advantages: torch.Tensor  # (N_global,)
+    scored: ScoredBatch
 
 
 def _ignore_side_channel(*args, **kwargs) -> None:
@@ -71,6 +96,10 @@ class AdvantageTrainerMixin(ModelCardMixin):
         self._greso_sampler: GRESORepeatSampler | None = None
         if getattr(self.args, "greso", False):
             self._init_greso()
+        self.refill_stream: PromptStream | None = None
+        self.dynamic_sampling_exhausted_batches = 0
+        if getattr(self.args, "dynamic_sampling", False):
+            self._init_dynamic_sampling()
 
     # ---- GRESO pre-rollout filtering (aapo_trl.greso documents the protocol followed here) ---------------
 
@@ -115,6 +144,140 @@ class AdvantageTrainerMixin(ModelCardMixin):
         # the share of candidates skipped to fill this generation batch (decided when the DataLoader pulled it)
         self._metrics["train"]["greso/skip_rate"].append(chunk.skip_rate)
 
+    # ---- dynamic sampling (aapo_trl.dynamic_sampling documents the semantics followed here) ---------------
+
+    def _init_dynamic_sampling(self) -> None:
+        dataset, args = self.train_dataset, self.args
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                "dynamic_sampling=True needs an indexable training dataset: the extra rounds take rows by index."
+            )
+        accuracy_reward = args.dynamic_sampling_accuracy_reward
+        if accuracy_reward is not None and accuracy_reward not in self.reward_func_names:
+            raise ValueError(
+                f"dynamic_sampling_accuracy_reward={accuracy_reward!r} is not one of the reward functions "
+                f"{self.reward_func_names}"
+            )
+        if accuracy_reward is not None and args.dynamic_sampling_metric != "accuracy":
+            raise ValueError(
+                f"dynamic_sampling_accuracy_reward is only read by dynamic_sampling_metric='accuracy', "
+                f"not {args.dynamic_sampling_metric!r}"
+            )
+        self.refill_stream = PromptStream(len(dataset), seed=args.seed, shuffle=self.shuffle_dataset)
+        self._refill_fingerprint = dataset_fingerprint(dataset)
+        self._refill_dataset = None  # the DataLoader's view of the dataset, built on first use
+
+    def _refill_row(self, index: int) -> dict[str, Any]:
+        """Row ``index`` as the training DataLoader yields it (same columns)."""
+        if self._refill_dataset is None:
+            dataset = self.train_dataset
+            if hasattr(dataset, "column_names"):
+                dataset = self._remove_unused_columns(dataset, description="training")
+            self._refill_dataset = dataset
+        return dict(self._refill_dataset[int(index)])
+
+    def _group_signal(self, round_: _Round, num_generations: int) -> torch.Tensor:
+        args = self.args
+        correctness = None
+        if args.dynamic_sampling_metric == "accuracy" and args.dynamic_sampling_accuracy_reward is not None:
+            column = self.reward_func_names.index(args.dynamic_sampling_accuracy_reward)
+            correctness = round_.scored.rewards_per_func[:, column].to(round_.rewards.device)
+            correctness = correctness.masked_fill(torch.isnan(round_.rewards), float("nan"))
+        return groups_with_signal(
+            args.dynamic_sampling_metric,
+            num_generations,
+            rewards=round_.rewards,
+            advantages=round_.advantages,
+            correctness=correctness,
+            tolerance=args.dynamic_sampling_tolerance,
+            correct_threshold=args.dynamic_sampling_correct_threshold,
+        )
+
+    def _dynamically_sampled_batch(self, inputs) -> dict[str, Any]:
+        """DAPO's dynamic sampling around TRL's generation: rounds until every process holds its groups with signal.
+
+        Every decision comes from the gathered rewards/advantages, so it is the same on every process, and
+        every process runs the same number of rounds (each round is one collective call of TRL's code).
+        """
+        args, accelerator = self.args, self.accelerator
+        num_generations = self.num_generations
+        if len(inputs) % num_generations:  # pragma: no cover - the config refuses such batch sizes
+            raise RuntimeError(f"the local generation batch ({len(inputs)} rows) does not hold whole groups")
+        groups_per_process = len(inputs) // num_generations
+        selection = RoundsSelection(accelerator.num_processes, groups_per_process)
+        rounds = [self._generate_score_and_advantage(inputs)]
+        selection.add_round(self._group_signal(rounds[-1], num_generations))
+        exhausted = False
+        while not selection.filled:
+            if args.dynamic_sampling_max_rounds and selection.num_rounds >= args.dynamic_sampling_max_rounds:
+                message = exhaustion_message(
+                    self.state.global_step, selection, args.dynamic_sampling_max_rounds, args.dynamic_sampling_metric
+                )
+                if args.dynamic_sampling_on_exhaustion == "error":
+                    raise DynamicSamplingExhausted(message)
+                warnings.warn(f"{message} Training on them (on_exhaustion='train_kept').", stacklevel=2)
+                exhausted = True
+                break
+            prompt_ids = self.refill_stream.take(selection.groups_per_round)
+            start = accelerator.process_index * groups_per_process
+            local = prompt_ids[start : start + groups_per_process]
+            refill = [self._refill_row(index) for index in local for _ in range(num_generations)]
+            rounds.append(self._generate_score_and_advantage(refill, refill_prompt_ids=prompt_ids))
+            selection.add_round(self._group_signal(rounds[-1], num_generations))
+            # free the rounds this process can no longer train (neither kept groups nor the earliest fillers)
+            needed = {r for r, _, _ in selection.selection(accelerator.process_index, allow_filler=True)}
+            for index, round_ in enumerate(rounds):
+                if index not in needed:
+                    round_.output = None
+
+        chosen = selection.selection(accelerator.process_index, allow_filler=exhausted)
+        rows = [(r, g * num_generations + k) for r, g, _ in chosen for k in range(num_generations)]
+        batch = merge_generation_rows([round_.output for round_ in rounds], rows, self._tokenizer.pad_token_id)
+        filler = torch.tensor([is_filler for _, _, is_filler in chosen for _ in range(num_generations)])
+        mask_filler_rows(batch, filler)
+        device = accelerator.device
+        batch["num_items_in_batch"] = accelerator.gather(loss_mask_tokens(batch).to(device)).sum()
+        self.dynamic_sampling_exhausted_batches += exhausted
+        self._log_dynamic_sampling_metrics(selection, exhausted)
+        return batch
+
+    def _log_dynamic_sampling_metrics(self, selection: RoundsSelection, exhausted: bool) -> None:
+        metrics = self._metrics["train"]
+        metrics["dynamic_sampling/rounds"].append(float(selection.num_rounds))
+        metrics["dynamic_sampling/generated_groups"].append(float(selection.generated_groups))
+        completions = selection.generated_groups * self.num_generations
+        metrics["dynamic_sampling/generated_completions"].append(float(completions))
+        metrics["dynamic_sampling/kept_fraction"].append(selection.groups_with_signal / selection.generated_groups)
+        per_kept = completions_per_kept_group(selection, self.num_generations)
+        if math.isfinite(per_kept):  # no group with signal trained (exhausted, 'train_kept'): nothing to average
+            metrics["dynamic_sampling/completions_per_kept_group"].append(per_kept)
+        metrics["dynamic_sampling/exhausted"].append(float(exhausted))
+        metrics["dynamic_sampling/exhausted_total"].append(float(self.dynamic_sampling_exhausted_batches))
+
+    def _dynamic_sampling_state(self) -> dict[str, Any]:
+        return {
+            "format": DYNAMIC_SAMPLING_STATE_FORMAT,
+            "dataset_fingerprint": self._refill_fingerprint,
+            "stream": self.refill_stream.state_dict(),
+            "exhausted_batches": self.dynamic_sampling_exhausted_batches,
+        }
+
+    def _restore_dynamic_sampling_state(self, checkpoint: str) -> None:
+        state_file = os.path.join(checkpoint, DYNAMIC_SAMPLING_STATE_FILENAME)
+        if not os.path.exists(state_file):
+            raise FileNotFoundError(
+                f"dynamic_sampling=True but the checkpoint {checkpoint!r} holds no {DYNAMIC_SAMPLING_STATE_FILENAME}: "
+                "it was not saved by a dynamic-sampling run. Resume from such a checkpoint, or start a new run."
+            )
+        with open(state_file, encoding="utf-8") as handle:
+            state = json.load(handle)
+        if state.get("format") != DYNAMIC_SAMPLING_STATE_FORMAT:
+            raise ValueError(f"{state_file}: unknown format {state.get('format')!r}")
+        if state.get("dataset_fingerprint") != self._refill_fingerprint:
+            raise ValueError(f"{state_file} was saved for another training dataset (fingerprint differs)")
+        self.refill_stream.load_state_dict(state["stream"], source=state_file)
+        self.dynamic_sampling_exhausted_batches = int(state["exhausted_batches"])
+
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
@@ -133,6 +296,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
         """aapo-trl's own state (JSON / safetensors) beside the Trainer's; subclasses add theirs."""
         if self.greso_filter is not None and self.args.should_save:
             self.greso_filter.save_json(os.path.join(checkpoint, GRESO_STATE_FILENAME))
+        if self.refill_stream is not None and self.args.should_save:
+            atomic_write_json(os.path.join(checkpoint, DYNAMIC_SAMPLING_STATE_FILENAME), self._dynamic_sampling_state())
 
     def _load_extra_state(self, checkpoint: str) -> None:
         if self.greso_filter is not None:
@@ -143,6 +308,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
                     "saved by a GRESO run. Resume from a GRESO checkpoint, or start a new run."
                 )
             self.greso_filter.restore_json(state_file)
+        if self.refill_stream is not None:
+            self._restore_dynamic_sampling_state(checkpoint)
 
     # ---- seams -------------------------------------------------------------------------------------
 
@@ -152,6 +319,16 @@ class AdvantageTrainerMixin(ModelCardMixin):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        if self.model.training and getattr(self.args, "dynamic_sampling", False):
+            return self._dynamically_sampled_batch(inputs)
+        return self._generate_score_and_advantage(inputs).output
+
+    def _generate_score_and_advantage(self, inputs, refill_prompt_ids: list[int] | None = None) -> "_Round":
+        """One call of TRL's generation and scoring, with our advantage in place of TRL's.
+
+        ``refill_prompt_ids``: the dataset indices of a dynamic-sampling refill round (all processes' prompts, in
+        TRL's gathered order), for GRESO's history; ``None`` for the DataLoader's generation batch.
+        """
         self._last_scored = None
         output = super()._generate_and_score_completions(inputs)
         scored = self._last_scored
@@ -169,8 +346,11 @@ class AdvantageTrainerMixin(ModelCardMixin):
         self._replace_logged_advantages(advantages)
         self._log_zero_advantage_metrics(rewards, advantages, num_generations, mode)
         if self.greso_filter is not None and mode == "train":
-            self._record_greso_rollouts(rewards, num_generations)
-        return output
+            if refill_prompt_ids is None:
+                self._record_greso_rollouts(rewards, num_generations)
+            else:  # a dynamic-sampling refill round: not GRESO-filtered, but GRESO learns from it
+                self.greso_filter.record(refill_prompt_ids, rewards.view(-1, num_generations))
+        return _Round(output, rewards, advantages, scored)
 
     def _compute_loss(self, model, inputs):
         if self.loss_type not in CE_LOSS_TYPES:
