@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import time
 
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 
 CPU_ARGS = dict(
     bf16=False,
@@ -83,3 +85,15 @@ class Recorder:
         trainer._generate_and_score_completions = recording_generate
         trainer._compute_loss = recording_loss
         trainer.compute_advantages = recording_advantages
+
+
+class PauseAfter(TrainerCallback):
+    """Hold a training subprocess after ``step`` optimizer steps (its checkpoint saved) so a test can SIGKILL it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            print(f"PAUSED AT {state.global_step}", flush=True)
+            time.sleep(600)  # the test kills the process here

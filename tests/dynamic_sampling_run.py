@@ -11,14 +11,12 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _training import CPU_ARGS  # noqa: E402
+from _training import CPU_ARGS, PauseAfter  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig  # noqa: E402
 from aapo_trl.trainers import AAPOTrainer, GPGTrainer, GRPOBaselineTrainer, ZAPOTrainer  # noqa: E402
@@ -48,16 +46,6 @@ def kind_reward(completions, solution, **kwargs):
         index = position[kind] = position.get(kind, -1) + 1
         rewards.append({"easy": 1.0, "hard": 0.0}.get(kind, float(index % 2 == 0)))
     return rewards
-
-
-class PauseAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            print(f"PAUSED AT {state.global_step}", flush=True)
-            time.sleep(600)  # the test kills the process here
 
 
 def main(algorithm, model_path, out_dir, overrides="{}", pause_after="0", mode="fresh") -> None:

@@ -3,13 +3,11 @@ test can SIGKILL it, or resume from the last complete checkpoint."""
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _training import CPU_ARGS, hashed_reward, prompt_dataset  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from _training import CPU_ARGS, PauseAfter, hashed_reward, prompt_dataset  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig, ZAPOConfig  # noqa: E402
 from aapo_trl.trainers import AAPOTrainer, ZAPOTrainer  # noqa: E402
@@ -18,16 +16,6 @@ RUNS = {
     "aapo": (AAPOConfig, AAPOTrainer, {"ref_update_steps": 3}),
     "zapo_greso": (ZAPOConfig, ZAPOTrainer, {"greso": True}),
 }
-
-
-class PauseAfter(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            print(f"PAUSED AT {state.global_step}", flush=True)
-            time.sleep(600)  # the test kills the process here
 
 
 def main(name: str, model_path: str, output_dir: str, pause_after: int, resume: bool) -> None:
