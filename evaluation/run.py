@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -375,6 +376,78 @@ def _model_config(config: EvalConfig, cache_dir: str):
     )
 
 
+class PromptTooLongError(ValueError):
+    """A prompt plus the generation budget does not fit in the model's context."""
+
+
+def fit_prompts_to_context(pipeline, max_new_tokens: int) -> int:
+    """Check that every prompt (chat template applied, as lighteval will feed it) plus
+    ``max_new_tokens`` fits the model's context, and make lighteval's transformers backend keep
+    every prompt whole. Returns the longest prompt in tokens.
+
+    Why: lighteval 0.13 passes ``generation_parameters.max_new_tokens`` to the tokenizer as the
+    prompt's ``max_length`` and truncates from the left, so a budget smaller than a prompt silently
+    cut the chat header and the start of the question. Without that setting it sizes the prompts
+    from the first prompt of each split, sorted by *characters* of question + gold, which can be
+    shorter in tokens than another prompt of the batch. Setting it to the longest prompt in tokens
+    plus the budget leaves no prompt to cut; the number of generated tokens is still bounded by the
+    task's ``generation_size`` (``--max-new-tokens``), which the backend passes to ``generate``.
+    """
+    model = pipeline.model
+    tokenizer = getattr(model, "tokenizer", None)
+    prompt_manager = getattr(model, "prompt_manager", None)
+    if tokenizer is None or prompt_manager is None:
+        return 0
+    longest, longest_doc = 0, None
+    for docs in pipeline.documents_dict.values():
+        for doc in docs:
+            length = len(tokenizer(prompt_manager.prepare_prompt(doc),
+                                   add_special_tokens=getattr(model, "add_special_tokens", False))["input_ids"])
+            if length > longest:
+                longest, longest_doc = length, doc
+    context = getattr(model, "max_length", None)
+    if context is not None and longest + max_new_tokens > context:
+        raise PromptTooLongError(
+            f"the longest prompt ({longest} tokens, {longest_doc.task_name} problem {longest_doc.id!r}) plus "
+            f"--max-new-tokens {max_new_tokens} exceeds the model's context of {context} tokens: lower "
+            "--max-new-tokens (or, with vLLM, raise --max-model-length); prompts are never truncated"
+        )
+    config_dict = getattr(model, "generation_config_dict", None)
+    if isinstance(config_dict, dict):  # transformers backend: its prompt max_length, see above
+        config_dict["max_new_tokens"] = longest + max_new_tokens
+    return longest
+
+
+def _relative_cache_name(model_name: str) -> str:
+    """A model name as one relative folder name: lighteval builds its sample-cache path as
+    ``cache_dir / model_name / hash``, and an absolute ``model_name`` replaces ``cache_dir``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_name)).strip("._") or "model"
+
+
+@contextlib.contextmanager
+def sample_cache_inside_cache_dir() -> Iterator[None]:
+    """Keep lighteval's sample cache inside the run's own (fresh, temporary) ``cache_dir``.
+
+    With an absolute model path (every ``checkpoint-N`` of a sweep, ``--model embedded``) lighteval's
+    ``cache_dir / model_name / hash`` is the model's own folder: the cache landed there, survived
+    the run, and the next evaluation of new weights in that folder was served the old generations.
+    """
+    from lighteval.utils.cache_management import SampleCache
+
+    original = SampleCache.__init__
+
+    def init_in_cache_dir(self, model_config):
+        relative = model_config.model_copy(update={"model_name": _relative_cache_name(model_config.model_name)})
+        original(self, relative)
+        self.model_config = model_config
+
+    SampleCache.__init__ = init_in_cache_dir
+    try:
+        yield
+    finally:
+        SampleCache.__init__ = original
+
+
 @contextlib.contextmanager
 def preserve_global_state() -> Iterator[None]:
     """Undo what lighteval (and our seeding) changes process-wide: the autograd mode
@@ -444,7 +517,8 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
             remove_reasoning_tags=config.remove_reasoning_tags,
         )
         model_config = _model_config(config, cache_dir)
-        with only_these_tasks(), no_hub_lookup_for_local_models(), quiet_routine_warnings():
+        with only_these_tasks(), no_hub_lookup_for_local_models(), quiet_routine_warnings(), \
+                sample_cache_inside_cache_dir():
             pipeline = Pipeline(
                 tasks=task_names,
                 pipeline_parameters=parameters,
@@ -453,6 +527,7 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
                 model=model,
             )
             stop_ids = _stop_token_ids(pipeline.model)
+            fit_prompts_to_context(pipeline, config.max_new_tokens)
             pipeline.evaluate()
             results = pipeline.get_results()
             if config.output_dir:
