@@ -178,6 +178,10 @@ def evaluate_model(
     resolved = str(resolve_model_path(model))
     config = run.config_from_args(args, resolved)
     config.system_prompt = system_prompt_from(args.system_prompt)
+    if config.save_details and not config.output_dir:
+        # --save-details alone saved nothing before: the details go next to this model's results
+        base = Path(output_file).parent if output_file is not None else default_output_dir(model)
+        config.output_dir = str(base / "lighteval")
     started = time.time()
     if config.backend == "vllm" and args.python:
         record = _evaluate_in_subprocess(config, args)
@@ -242,7 +246,7 @@ def _evaluate_in_subprocess(config, args: argparse.Namespace) -> dict[str, Any]:
         ("--data-dir", config.data_dir), ("--backend", config.backend), ("--dtype", config.dtype),
         ("--gpu-memory-utilization", config.gpu_memory_utilization), ("--max-model-length", config.max_model_length),
         ("--tensor-parallel-size", config.tensor_parallel_size), ("--data-parallel-size", config.data_parallel_size),
-        ("--lighteval-output-dir", config.output_dir),
+        ("--lighteval-output-dir", config.output_dir), ("--scoring", config.scoring),
     ):
         if value is not None:
             command += [flag, str(value)]
