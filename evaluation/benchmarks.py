@@ -261,6 +261,37 @@ def load_rows(bench: Benchmark | str, source: str | None = None, **resolve_kwarg
     return [dict(row) for row in load_dataset(source, split=bench.split)]
 
 
+def prepare_data(
+    directory: str | os.PathLike,
+    benchmark_names: str | Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Save the benchmarks' evaluation splits from the Hub into ``directory`` in the layout
+    ``--data-dir`` reads (``<key>/<split>.jsonl``, the Hub columns), for a machine without network
+    access. Returns the written file of each benchmark. A set whose size is not the benchmark's
+    full size is saved, with a warning: the results will flag it as a subset."""
+    import logging
+
+    from datasets import load_dataset
+    from tqdm.auto import tqdm
+
+    root = Path(directory)
+    written: dict[str, Path] = {}
+    chosen = parse_benchmarks(benchmark_names)
+    bar = tqdm(chosen, desc="benchmarks", unit="set", disable=not progress)
+    for bench in bar:
+        bar.set_postfix_str(f"{bench.key} <- {bench.hub_id}")
+        rows = load_dataset(bench.hub_id, split=bench.split)
+        target = root / bench.key / f"{bench.split}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_json(str(target), lines=True, force_ascii=False)
+        if len(rows) != bench.num_problems:
+            logging.getLogger(__name__).warning("%s: %d rows saved from %s, the full set has %d",
+                                                bench.key, len(rows), bench.hub_id, bench.num_problems)
+        written[bench.key] = target
+    return written
+
+
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_KEYS",
@@ -279,6 +310,7 @@ __all__ = [
     "parse_benchmarks",
     "pass_at_k",
     "pass_at_ks",
+    "prepare_data",
     "reported_ks",
     "resolve_dataset",
 ]

@@ -114,3 +114,33 @@ def test_new_weights_in_the_same_folder_are_never_served_the_old_generations(tin
     assert {p.relative_to(folder) for p in folder.rglob("*")} == files_before  # nothing left in the model folder
     assert not list(folder.rglob("*.parquet"))
     assert not list(private_tmp.glob("aapo-lighteval-cache-*"))
+
+
+def test_save_details_alone_saves_them_in_the_run_folder_and_results_name_scorer_and_subset(
+        tiny_model_path, tmp_path, private_tmp, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(tiny_model_path), "--data-dir", str(FIXTURES), "--benchmarks", "amc23",
+                 "--max-new-tokens", "3", "--batch-size", "8", "--no-sweep", "--output-dir", str(out),
+                 "--save-details", "--scoring", "robust"])
+    assert code == 0
+    assert len(_details_texts(out / "lighteval")) == 2  # the two fixture problems, saved next to results.json
+    record = json.loads((out / "results.json").read_text())
+    assert record["scoring"] == "robust" and record["protocol"]["scoring"] == "robust"
+    amc = record["benchmarks"]["amc23"]
+    assert amc["num_problems"] == 2 and amc["full_size"] == 40 and amc["subset"] is True and record["subset"]
+    assert set(amc["metrics_by_scoring"]) == {"papers", "robust"}
+    assert amc["metrics_by_scoring"]["robust"]["pass@1"] == amc["metrics"]["pass@1"]
+    table = (out / "table.md").read_text()
+    label = record["label"]
+    assert "robust scorer" in table  # the protocol line names the scorer of the main table
+    assert f"| **{label}** (ours) | papers |" in table and f"| **{label}** (ours) | robust |" in table
+    assert "Our rows are on subsets" in table and "| Model | Scorer |" in table
+    assert "robust scorer" in capsys.readouterr().out
+
+
+def test_save_details_without_a_folder_is_refused_by_the_runner():
+    run = evaluation_module("run")
+    with pytest.raises(ValueError, match="output_dir"):
+        run.EvalConfig(model="m", save_details=True).resolved()
+    with pytest.raises(SystemExit):
+        run.main(["--model", "m", "--save-details"])
