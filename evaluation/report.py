@@ -216,7 +216,7 @@ def render_report(
             lead = f"Published rows of {hub}, for comparison (not the evaluated model's base)"
         parts.append(f"{lead}. † = re-evaluated by the AAPO authors "
                      "(lighteval + vLLM, temperature 0.6, top_p 0.95); ZAPO Table 1 uses temperature 1.0, "
-                     "4 repeats, verl, and 83 AMC / 675 OlympiadBench problems.")
+                     "4 repeats, verl, and 83 AMC problems.")
     size_line = _size_line(records)
     if size_line:
         parts.append(size_line)

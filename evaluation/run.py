@@ -18,7 +18,11 @@ lighteval 0.13 traps this runner handles:
   model folders.
 * **The sample cache is keyed by the model's settings, not its weights.** Two checkpoints saved to the
   same folder (or two runs with equal settings) would share generations. Every call gets a fresh cache
-  directory, deleted afterwards.
+  directory, deleted afterwards, and lighteval's ``cache_dir / model_name`` is kept inside it even for an
+  absolute model path (:func:`sample_cache_inside_cache_dir`).
+* **The transformers backend cut prompts to ``max_new_tokens`` tokens** (it is the prompt tokenizer's
+  ``max_length``, truncating from the left): :func:`fit_prompts_to_context` keeps every prompt whole, or
+  stops with an error when prompt + budget exceed the model's context.
 * **The transformers backend bounds the output by the task's ``generation_size``**, not by
   ``generation_parameters.max_new_tokens`` (that only sizes the batch); vLLM uses ``max_new_tokens``
   first. Both are set to ``--max-new-tokens``.
@@ -417,8 +421,9 @@ def fit_prompts_to_context(pipeline, max_new_tokens: int) -> int:
     if context is not None and longest + max_new_tokens > context:
         raise PromptTooLongError(
             f"the longest prompt ({longest} tokens, {longest_doc.task_name} problem {longest_doc.id!r}) plus "
-            f"--max-new-tokens {max_new_tokens} exceeds the model's context of {context} tokens: lower "
-            "--max-new-tokens (or, with vLLM, raise --max-model-length); prompts are never truncated"
+            f"--max-new-tokens {max_new_tokens} exceeds the model's context of {context} tokens: pass "
+            f"--max-new-tokens {context - longest} or less (or, with vLLM, raise --max-model-length); prompts "
+            "are never truncated"
         )
     config_dict = getattr(model, "generation_config_dict", None)
     if isinstance(config_dict, dict):  # transformers backend: its prompt max_length, see above
