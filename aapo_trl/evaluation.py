@@ -4,6 +4,7 @@ lighteval 0.13, with the published numbers beside ours.
     aapo-trl eval --model PATH_OR_HUB_ID [--protocol aapo|aapo-passk|zapo] [--data-dir DIR] ...
     aapo-trl eval --model outputs/my-run            # a run directory: every checkpoint-*/ in turn (sweep)
     aapo-trl eval --results outputs/eval/x/results.json   # re-print the table of stored results
+    aapo-trl eval --prepare-data data/eval                 # save the five sets for an offline machine
 
 The lighteval side lives in the repository's ``evaluation/`` folder (tasks, runner, published tables,
 report), which this module loads by path: it must also work inside the separate vLLM environment,
@@ -178,6 +179,10 @@ def evaluate_model(
     resolved = str(resolve_model_path(model))
     config = run.config_from_args(args, resolved)
     config.system_prompt = system_prompt_from(args.system_prompt)
+    if config.save_details and not config.output_dir:
+        # --save-details alone saved nothing before: the details go next to this model's results
+        base = Path(output_file).parent if output_file is not None else default_output_dir(model)
+        config.output_dir = str(base / "lighteval")
     started = time.time()
     if config.backend == "vllm" and args.python:
         record = _evaluate_in_subprocess(config, args)
@@ -242,7 +247,7 @@ def _evaluate_in_subprocess(config, args: argparse.Namespace) -> dict[str, Any]:
         ("--data-dir", config.data_dir), ("--backend", config.backend), ("--dtype", config.dtype),
         ("--gpu-memory-utilization", config.gpu_memory_utilization), ("--max-model-length", config.max_model_length),
         ("--tensor-parallel-size", config.tensor_parallel_size), ("--data-parallel-size", config.data_parallel_size),
-        ("--lighteval-output-dir", config.output_dir),
+        ("--lighteval-output-dir", config.output_dir), ("--scoring", config.scoring),
     ):
         if value is not None:
             command += [flag, str(value)]
@@ -285,12 +290,19 @@ def _read_records(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 def run_cli(args: argparse.Namespace) -> int:
     report = evaluation_module("report")
+    if args.prepare_data:
+        benchmarks = evaluation_module("benchmarks")
+        written = benchmarks.prepare_data(args.prepare_data, args.benchmarks)
+        for key, path in written.items():
+            print(f"{key}: {path}")
+        print(f"\nOffline copy ready: aapo-trl eval --data-dir {args.prepare_data} ...")
+        return 0
     if args.results:
         records = _read_records(args.results)
         print(report.render_report(records, base_model=args.compare or args.base_model))
         return 0
     if not args.model:
-        raise SystemExit("aapo-trl eval: give --model PATH_OR_HUB_ID (or --results FILE.json)")
+        raise SystemExit("aapo-trl eval: give --model PATH_OR_HUB_ID (or --results FILE.json, or --prepare-data DIR)")
     from .models import resolve_model_path
 
     resolved = resolve_model_path(args.model)
@@ -331,6 +343,9 @@ def build_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "checkpoint-*/ folders is swept")
     parser.add_argument("--results", nargs="+", default=None, metavar="JSON",
                         help="print the table of stored results instead of evaluating")
+    parser.add_argument("--prepare-data", default=None, metavar="DIR",
+                        help="save the benchmarks (--benchmarks, default all five) from the Hub into DIR in the "
+                             "layout --data-dir reads, for an offline machine, and exit")
     parser.add_argument("--output-dir", default=None, help="where results.json / sweep.json and table.md go "
                                                            "(default: outputs/eval/<model name>)")
     parser.add_argument("--label", default=None, help="row label in the table (default: the folder name)")

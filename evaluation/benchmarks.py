@@ -29,6 +29,12 @@ DEFAULT_GENERATION_SIZE = 32768
 #: The k of AAPO Table 7 (pass@k from 64 samples per problem). pass@1 is always reported.
 PASS_AT_K = (8, 16, 32, 64)
 
+#: ``--scoring``: ``papers`` is lighteval's extractive match as open-rs configures it (the papers'
+#: tables); ``robust`` also accepts what a careful grader accepts and ``papers`` marks wrong
+#: (``evaluation/tasks.py``, :class:`RobustExtractiveMatch`).
+SCORINGS = ("papers", "robust")
+DEFAULT_SCORING = "papers"
+
 #: Prefix of every lighteval task name: lighteval's built-ins include ``aime24`` and ``math_500``.
 TASK_PREFIX = "aapo_"
 
@@ -45,7 +51,8 @@ class Benchmark:
         question_column: Column holding the problem statement.
         gold_column: Column holding the gold (a bare answer, or a solution ending in ``\\boxed{}``).
         gold_kind: ``"expr"`` (gold read as a plain expression) or ``"latex"`` (gold read as LaTeX).
-        num_problems: Size of the full benchmark, as the AAPO paper counts it.
+        num_problems: Size of the full public set (AAPO's text counts OlympiadBench as 674; its Hub
+            set, ``knoveleng/OlympiadBench``, and that dataset's card have 675).
     """
 
     key: str
@@ -70,6 +77,36 @@ class Benchmark:
         return gold_text(row[self.gold_column])
 
 
+    def final_answer(self, row: Mapping[str, Any]) -> str:
+        """The gold *answer* as a solver would box it: the last ``\\boxed{}`` of a gold solution
+        (MATH-500, Minerva), else the gold without its ``$...$`` and final period (OlympiadBench's
+        ``$\\frac{2}{3}$`` -> ``\\frac{2}{3}``, AIME's ``204``). The oracle checks box it."""
+        gold = self.gold(row)
+        boxed = last_boxed(gold)
+        if boxed is not None:
+            return boxed
+        text = gold.strip().rstrip(".").strip()
+        if len(text) > 1 and text.startswith("$") and text.endswith("$"):
+            text = text[1:-1].strip()
+        return text
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (braces balanced), else ``None``."""
+    start = text.rfind("\\boxed")
+    if start < 0:
+        return None
+    opening = text.find("{", start)
+    if opening < 0:
+        return None
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[index], 0)
+        if depth == 0:
+            return text[opening + 1 : index]
+    return None
+
+
 #: In the column order of AAPO Table 1.
 BENCHMARKS: dict[str, Benchmark] = {
     b.key: b
@@ -79,7 +116,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("amc23", "AMC23", "knoveleng/AMC-23", "train", "problem", "answer", "expr", 40),
         Benchmark("minerva", "Minerva", "knoveleng/Minerva-Math", "train", "problem", "solution", "latex", 272),
         Benchmark(
-            "olympiadbench", "OlympiadBench", "knoveleng/OlympiadBench", "train", "question", "answer", "latex", 674
+            "olympiadbench", "OlympiadBench", "knoveleng/OlympiadBench", "train", "question", "answer", "latex", 675
         ),
     )
 }
@@ -224,6 +261,37 @@ def load_rows(bench: Benchmark | str, source: str | None = None, **resolve_kwarg
     return [dict(row) for row in load_dataset(source, split=bench.split)]
 
 
+def prepare_data(
+    directory: str | os.PathLike,
+    benchmark_names: str | Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Save the benchmarks' evaluation splits from the Hub into ``directory`` in the layout
+    ``--data-dir`` reads (``<key>/<split>.jsonl``, the Hub columns), for a machine without network
+    access. Returns the written file of each benchmark. A set whose size is not the benchmark's
+    full size is saved, with a warning: the results will flag it as a subset."""
+    import logging
+
+    from datasets import load_dataset
+    from tqdm.auto import tqdm
+
+    root = Path(directory)
+    written: dict[str, Path] = {}
+    chosen = parse_benchmarks(benchmark_names)
+    bar = tqdm(chosen, desc="benchmarks", unit="set", disable=not progress)
+    for bench in bar:
+        bar.set_postfix_str(f"{bench.key} <- {bench.hub_id}")
+        rows = load_dataset(bench.hub_id, split=bench.split)
+        target = root / bench.key / f"{bench.split}.jsonl"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_json(str(target), lines=True, force_ascii=False)
+        if len(rows) != bench.num_problems:
+            logging.getLogger(__name__).warning("%s: %d rows saved from %s, the full set has %d",
+                                                bench.key, len(rows), bench.hub_id, bench.num_problems)
+        written[bench.key] = target
+    return written
+
+
 __all__ = [
     "BENCHMARKS",
     "BENCHMARK_KEYS",
@@ -231,14 +299,18 @@ __all__ = [
     "DEFAULT_GENERATION_SIZE",
     "MATH_QUERY_TEMPLATE",
     "PASS_AT_K",
+    "SCORINGS",
+    "DEFAULT_SCORING",
     "TASK_PREFIX",
     "benchmark",
     "gold_text",
+    "last_boxed",
     "load_rows",
     "metric_names",
     "parse_benchmarks",
     "pass_at_k",
     "pass_at_ks",
+    "prepare_data",
     "reported_ks",
     "resolve_dataset",
 ]

@@ -15,8 +15,8 @@ Sources (the copies the project works from are in ``shared/papers/``):
   - Table 1: pass@1, verl evaluation at temperature 1.0, each evaluation repeated 4 times (Sec. 4.1,
     App. B); baselines other than GRESO are copied from SEED-GRPO or their own papers. Its columns are
     printed there in the order AMC, MATH500, Minerva, Olympiad, AIME24; here they are stored by
-    benchmark key. ZAPO's AMC has 83 problems and its OlympiadBench 675 (App. B), not the 40 / 674 of
-    AAPO's evaluation.
+    benchmark key. ZAPO's AMC has 83 problems (App. B), not the 40 of AAPO's evaluation; its
+    OlympiadBench has 675, as the public set (AAPO's text says 674).
 
 All scores are percentages as printed. ``average`` is the paper's own "Avg." column; where it
 disagrees with the mean of the five printed scores the row says so in ``note`` (see

@@ -71,6 +71,17 @@ def _average(record: Mapping[str, Any], metric: str) -> float | None:
     return sum(values) / len(values)
 
 
+def record_scoring(record: Mapping[str, Any]) -> str:
+    """The scorer of a record's ``metrics``; records written before ``--scoring`` existed used the
+    papers' scorer, the only one there was."""
+    return record.get("scoring") or record.get("protocol", {}).get("scoring") or "papers"
+
+
+def _scoring_text(records: Sequence[Mapping[str, Any]]) -> str:
+    names = list(dict.fromkeys(record_scoring(r) for r in records))
+    return " / ".join(names) + " scorer" + ("s" if len(names) > 1 else "")
+
+
 def _protocol_line(records: Sequence[Mapping[str, Any]]) -> str:
     protocols = []
     for record in records:
@@ -81,6 +92,7 @@ def _protocol_line(records: Sequence[Mapping[str, Any]]) -> str:
         )
         if p.get("system_prompt"):
             text += ", with a system prompt"
+        text += f", {record_scoring(record)} scorer"
         if text not in protocols:
             protocols.append(text)
     return "; ".join(protocols)
@@ -154,6 +166,25 @@ def pass_at_k_table(records: Sequence[Mapping[str, Any]], base_model: str | None
     return "\n".join(lines)
 
 
+def scoring_table(records: Sequence[Mapping[str, Any]]) -> str | None:
+    """pass@1 of the same generations under each scorer (``metrics_by_scoring``), or ``None`` when
+    no record carries both gradings."""
+    lines = []
+    for record in records:
+        for scoring in ("papers", "robust"):
+            cells = []
+            for key in COLUMNS:
+                graded = (record.get("benchmarks", {}).get(key) or {}).get("metrics_by_scoring") or {}
+                cells.append(percent((graded.get(scoring) or {}).get("pass@1")))
+            if any(cell != DASH for cell in cells):
+                lines.append("| " + " | ".join([f"**{record_label(record)}** (ours)", scoring, *cells]) + " |")
+    if not lines:
+        return None
+    header = "| " + " | ".join(["Model", "Scorer", *(TITLES[c] for c in COLUMNS)]) + " |"
+    rule = "|" + "|".join(["---", "---"] + ["---:"] * len(COLUMNS)) + "|"
+    return "\n".join([header, rule, *lines])
+
+
 def render_report(
     records: Sequence[Mapping[str, Any]],
     base_model: str | None = None,
@@ -185,7 +216,7 @@ def render_report(
             lead = f"Published rows of {hub}, for comparison (not the evaluated model's base)"
         parts.append(f"{lead}. † = re-evaluated by the AAPO authors "
                      "(lighteval + vLLM, temperature 0.6, top_p 0.95); ZAPO Table 1 uses temperature 1.0, "
-                     "4 repeats, verl, and 83 AMC / 675 OlympiadBench problems.")
+                     "4 repeats, verl, and 83 AMC problems.")
     size_line = _size_line(records)
     if size_line:
         parts.append(size_line)
@@ -193,9 +224,16 @@ def render_report(
         parts.append("Notes: " + " ".join(notes))
     passk = pass_at_k_table(records, hub)
     if passk:
-        parts.append("pass@k (%) -- unbiased estimator from the samples per problem (AAPO Table 7: 64 samples)")
+        parts.append("pass@k (%) -- unbiased estimator from the samples per problem (AAPO Table 7: 64 samples), "
+                     f"{_scoring_text(records)}")
         parts.append(passk)
+    graded = scoring_table(records)
+    if graded:
+        parts.append("pass@1 (%) of the same generations under each scorer (papers: lighteval's extractive match "
+                     "as the papers ran it; robust: --scoring robust)")
+        parts.append(graded)
     return "\n\n".join(parts)
 
 
-__all__ = ["pass_at_1_table", "pass_at_k_table", "percent", "record_base_model", "record_label", "render_report"]
+__all__ = ["pass_at_1_table", "pass_at_k_table", "percent", "record_base_model", "record_label", "record_scoring",
+           "render_report", "scoring_table"]

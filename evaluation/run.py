@@ -18,7 +18,11 @@ lighteval 0.13 traps this runner handles:
   model folders.
 * **The sample cache is keyed by the model's settings, not its weights.** Two checkpoints saved to the
   same folder (or two runs with equal settings) would share generations. Every call gets a fresh cache
-  directory, deleted afterwards.
+  directory, deleted afterwards, and lighteval's ``cache_dir / model_name`` is kept inside it even for an
+  absolute model path (:func:`sample_cache_inside_cache_dir`).
+* **The transformers backend cut prompts to ``max_new_tokens`` tokens** (it is the prompt tokenizer's
+  ``max_length``, truncating from the left): :func:`fit_prompts_to_context` keeps every prompt whole, or
+  stops with an error when prompt + budget exceed the model's context.
 * **The transformers backend bounds the output by the task's ``generation_size``**, not by
   ``generation_parameters.max_new_tokens`` (that only sizes the batch); vLLM uses ``max_new_tokens``
   first. Both are set to ``--max-new-tokens``.
@@ -45,11 +49,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -144,6 +150,7 @@ class EvalConfig:
     save_details: bool = False
     keep_cache: bool = False
     remove_reasoning_tags: bool = False  # lighteval 0.13 default True; open-rs's lighteval 0.8.1 had none
+    scoring: str = "papers"  # or "robust": the opt-in scorer of evaluation/tasks.py; both are always reported
     trust_remote_code: bool = False
     # vLLM
     gpu_memory_utilization: float = 0.9
@@ -168,6 +175,10 @@ class EvalConfig:
             raise ValueError("several samples per problem need temperature > 0")
         if config.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
+        load_sibling("tasks").check_scoring(config.scoring)
+        if config.save_details and not config.output_dir:
+            raise ValueError("save_details needs output_dir (--lighteval-output-dir): the details would be "
+                             "written nowhere")
         config.benchmarks = [b.key for b in load_sibling("benchmarks").parse_benchmarks(config.benchmarks)]
         return config
 
@@ -185,6 +196,7 @@ class EvalConfig:
             "prompt": "open-rs MATH_QUERY_TEMPLATE",
             "max_samples": self.max_samples,
             "remove_reasoning_tags": self.remove_reasoning_tags,
+            "scoring": self.scoring,
         }
 
 
@@ -324,6 +336,7 @@ def task_module(config: EvalConfig) -> ModuleType:
         generation_size=config.max_new_tokens,
         datasets=config.datasets,
         data_dir=config.data_dir,
+        scoring=config.scoring,
     )
     return module
 
@@ -373,6 +386,79 @@ def _model_config(config: EvalConfig, cache_dir: str):
         system_prompt=config.system_prompt,
         cache_dir=cache_dir,
     )
+
+
+class PromptTooLongError(ValueError):
+    """A prompt plus the generation budget does not fit in the model's context."""
+
+
+def fit_prompts_to_context(pipeline, max_new_tokens: int) -> int:
+    """Check that every prompt (chat template applied, as lighteval will feed it) plus
+    ``max_new_tokens`` fits the model's context, and make lighteval's transformers backend keep
+    every prompt whole. Returns the longest prompt in tokens.
+
+    Why: lighteval 0.13 passes ``generation_parameters.max_new_tokens`` to the tokenizer as the
+    prompt's ``max_length`` and truncates from the left, so a budget smaller than a prompt silently
+    cut the chat header and the start of the question. Without that setting it sizes the prompts
+    from the first prompt of each split, sorted by *characters* of question + gold, which can be
+    shorter in tokens than another prompt of the batch. Setting it to the longest prompt in tokens
+    plus the budget leaves no prompt to cut; the number of generated tokens is still bounded by the
+    task's ``generation_size`` (``--max-new-tokens``), which the backend passes to ``generate``.
+    """
+    model = pipeline.model
+    tokenizer = getattr(model, "tokenizer", None)
+    prompt_manager = getattr(model, "prompt_manager", None)
+    if tokenizer is None or prompt_manager is None:
+        return 0
+    longest, longest_doc = 0, None
+    for docs in pipeline.documents_dict.values():
+        for doc in docs:
+            length = len(tokenizer(prompt_manager.prepare_prompt(doc),
+                                   add_special_tokens=getattr(model, "add_special_tokens", False))["input_ids"])
+            if length > longest:
+                longest, longest_doc = length, doc
+    context = getattr(model, "max_length", None)
+    if context is not None and longest + max_new_tokens > context:
+        raise PromptTooLongError(
+            f"the longest prompt ({longest} tokens, {longest_doc.task_name} problem {longest_doc.id!r}) plus "
+            f"--max-new-tokens {max_new_tokens} exceeds the model's context of {context} tokens: pass "
+            f"--max-new-tokens {context - longest} or less (or, with vLLM, raise --max-model-length); prompts "
+            "are never truncated"
+        )
+    config_dict = getattr(model, "generation_config_dict", None)
+    if isinstance(config_dict, dict):  # transformers backend: its prompt max_length, see above
+        config_dict["max_new_tokens"] = longest + max_new_tokens
+    return longest
+
+
+def _relative_cache_name(model_name: str) -> str:
+    """A model name as one relative folder name: lighteval builds its sample-cache path as
+    ``cache_dir / model_name / hash``, and an absolute ``model_name`` replaces ``cache_dir``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(model_name)).strip("._") or "model"
+
+
+@contextlib.contextmanager
+def sample_cache_inside_cache_dir() -> Iterator[None]:
+    """Keep lighteval's sample cache inside the run's own (fresh, temporary) ``cache_dir``.
+
+    With an absolute model path (every ``checkpoint-N`` of a sweep, ``--model embedded``) lighteval's
+    ``cache_dir / model_name / hash`` is the model's own folder: the cache landed there, survived
+    the run, and the next evaluation of new weights in that folder was served the old generations.
+    """
+    from lighteval.utils.cache_management import SampleCache
+
+    original = SampleCache.__init__
+
+    def init_in_cache_dir(self, model_config):
+        relative = model_config.model_copy(update={"model_name": _relative_cache_name(model_config.model_name)})
+        original(self, relative)
+        self.model_config = model_config
+
+    SampleCache.__init__ = init_in_cache_dir
+    try:
+        yield
+    finally:
+        SampleCache.__init__ = original
 
 
 @contextlib.contextmanager
@@ -444,7 +530,8 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
             remove_reasoning_tags=config.remove_reasoning_tags,
         )
         model_config = _model_config(config, cache_dir)
-        with only_these_tasks(), no_hub_lookup_for_local_models(), quiet_routine_warnings():
+        with only_these_tasks(), no_hub_lookup_for_local_models(), quiet_routine_warnings(), \
+                sample_cache_inside_cache_dir():
             pipeline = Pipeline(
                 tasks=task_names,
                 pipeline_parameters=parameters,
@@ -453,6 +540,7 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
                 model=model,
             )
             stop_ids = _stop_token_ids(pipeline.model)
+            fit_prompts_to_context(pipeline, config.max_new_tokens)
             pipeline.evaluate()
             results = pipeline.get_results()
             if config.output_dir:
@@ -460,6 +548,8 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
         docs = {name: len(docs) for name, docs in pipeline.documents_dict.items()}
         lengths = {name: _mean_output_tokens(task_details, stop_ids)
                    for name, task_details in pipeline.get_details().items()}
+        by_scoring = {name: metrics_by_scoring(module, name, task_details, config.num_samples)
+                      for name, task_details in pipeline.get_details().items()}
     finally:
         if not config.keep_cache:
             shutil.rmtree(cache_dir, ignore_errors=True)
@@ -471,6 +561,7 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
         results,
         docs,
         lengths,
+        by_scoring,
         wall_time_s=time.time() - started,
         lighteval_version=getattr(lighteval, "__version__", "unknown"),
         cache_dir=cache_dir if config.keep_cache else None,
@@ -504,16 +595,41 @@ def _mean_output_tokens(task_details, stop_ids: set[int]) -> float | None:
     return sum(lengths) / len(lengths) if lengths else None
 
 
+def metrics_by_scoring(module: ModuleType, task_name: str, task_details, num_samples: int) -> dict[str, dict]:
+    """The same generations graded by every scorer (``papers`` and ``robust``): per-problem pass@k
+    from each sample's score, averaged over the problems. Generate once, grade twice."""
+    from lighteval.models.model_output import ModelResponse
+
+    tasks = load_sibling("tasks")
+    benchmarks = load_sibling("benchmarks")
+    bench = benchmarks.benchmark(task_name)
+    graded = {}
+    for scoring in tasks.SCORINGS:
+        scorer = tasks.extractive_match(bench.gold_kind, scoring)
+        per_problem = []
+        for detail in task_details or []:
+            texts = list(detail.model_response.final_text)[:num_samples] or [""]
+            doc = copy.copy(detail.doc)  # scoring writes doc.specific; keep lighteval's details as they are
+            scores = [float(scorer.compute(doc, ModelResponse(text=[text]))) for text in texts]
+            per_problem.append(benchmarks.pass_at_ks(scores, num_samples))
+        names = per_problem[0].keys() if per_problem else []
+        graded[scoring] = {name: sum(p[name] for p in per_problem) / len(per_problem) for name in names}
+    return graded
+
+
 def build_record(
     config: EvalConfig,
     module: ModuleType,
     results: Mapping[str, Any],
     num_docs: Mapping[str, int],
     mean_output_tokens: Mapping[str, float | None] | None = None,
+    metrics_by_scoring: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """The results JSON of one model: protocol, per-benchmark metrics (fractions in [0, 1]), and the
-    average over the benchmarks for each metric every benchmark has."""
+    """The results JSON of one model: protocol (with the scorer of ``metrics``), per-benchmark
+    metrics (fractions in [0, 1]) and the same generations graded by each scorer, whether the
+    benchmark was run on a subset, and the average over the benchmarks for each metric every
+    benchmark has."""
     benchmarks = load_sibling("benchmarks")
     per_task = results.get("results", {})
     by_benchmark: dict[str, Any] = {}
@@ -530,7 +646,9 @@ def build_record(
             "split": bench.split,
             "num_problems": num_docs.get(full_name),
             "full_size": bench.num_problems,
+            "subset": num_docs.get(full_name) is not None and num_docs[full_name] < bench.num_problems,
             "metrics": metrics,
+            "metrics_by_scoring": (metrics_by_scoring or {}).get(full_name),
             "mean_output_tokens": (mean_output_tokens or {}).get(full_name),
         }
     average = {}
@@ -543,6 +661,8 @@ def build_record(
         "backend": config.backend,
         "device": (config.device or default_device()) if config.backend == "transformers" else "cuda (vLLM)",
         "protocol": config.protocol_dict(),
+        "scoring": config.scoring,
+        "subset": any(b["subset"] for b in by_benchmark.values()),
         "benchmarks": by_benchmark,
         "average": average,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -577,6 +697,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--remove-reasoning-tags", action="store_true",
                        help="score only the text outside <think>...</think> (lighteval 0.13's default; the "
                             "papers' lighteval 0.8.1 scored the whole completion, as the runner does by default)")
+    group.add_argument("--scoring", choices=benchmarks.SCORINGS, default=benchmarks.DEFAULT_SCORING,
+                       help="papers (default): lighteval's extractive match as the papers ran it; robust: also "
+                            "accepts percent answers without the sign and reads OlympiadBench golds written "
+                            "without $...$ as LaTeX (both are always computed; this one fills the tables)")
     group.add_argument("--max-samples", type=int, default=None,
                        help="evaluate at most this many problems per benchmark (partial numbers)")
     data = parser.add_argument_group("data")
@@ -599,7 +723,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("lighteval output")
     out.add_argument("--lighteval-output-dir", default=None, help="also keep lighteval's own results here")
     out.add_argument("--save-details", action="store_true",
-                     help="save per-sample details (with --lighteval-output-dir)")
+                     help="save per-sample details (in --lighteval-output-dir; aapo-trl eval defaults it to "
+                          "<output-dir>/lighteval, evaluation/run.py to the --output file's folder)")
     out.add_argument("--keep-cache", action="store_true", help="keep lighteval's sample cache (fresh per run)")
 
 
@@ -636,6 +761,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> EvalConfig:
         save_details=args.save_details,
         keep_cache=args.keep_cache,
         remove_reasoning_tags=args.remove_reasoning_tags,
+        scoring=args.scoring,
         trust_remote_code=args.trust_remote_code,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_length=args.max_model_length,
@@ -651,6 +777,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=None, help="write the results JSON here")
     add_eval_arguments(parser)
     args = parser.parse_args(argv)
+    if args.save_details and not args.lighteval_output_dir:
+        if not args.output:
+            parser.error("--save-details needs --lighteval-output-dir (or --output, whose folder it then uses)")
+        args.lighteval_output_dir = str(Path(args.output).parent / "lighteval")
     logging.basicConfig(level=os.environ.get("AAPO_TRL_LOG_LEVEL", "WARNING"))
     record = run_evaluation(config_from_args(args, args.model))
     text = json.dumps(record, indent=2)
