@@ -2,6 +2,7 @@
 test runs ($AAPO_TRL_CACHE, else ~/.cache/aapo_trl), so the conversion is paid once per machine."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,3 +25,12 @@ def embedded_model_path():
     from aapo_trl.models import default_cache_dir, ensure_embedded_model
 
     return ensure_embedded_model(default_cache_dir())
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Route tempfile into tmp_path, to see which temporary folders a run leaves behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,6 @@ from aapo_trl.evaluation import evaluation_module
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def _rows(bench: str) -> list[dict]:

@@ -8,7 +8,6 @@ import json
 import shutil
 import socket
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -38,15 +37,6 @@ def no_network(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     return attempts
-
-
-@pytest.fixture
-def private_tmp(tmp_path, monkeypatch):
-    """Route tempfile into tmp_path, to see which temporary folders the runner leaves behind."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
 
 
 def test_end_to_end_lighteval_run_on_the_fixtures(tiny_model_path, tmp_path, no_network, private_tmp, capsys):
