@@ -389,6 +389,14 @@ class AAPOConfig(
             vllm_mode="colocate"`) with the reference weights loaded into it for reference generation; the policy
             weights are pushed back before the next policy generation. `"cache"`: the `ref_rewards` column written
             by `aapo-trl ref-rollouts` (see `ref_rollouts_path`).
+        reference_generation (`str`, *optional*, defaults to `"auto"`):
+            With a PEFT policy and `reference_source="model"` on transformers generation, `"batched"` samples the
+            reference's completions in the policy's own `generate` call, one row per prompt row next to the policy's,
+            with PEFT's mixed-adapter batches (reference rows run the adapters-off base, or the frozen copy of the
+            initial adapter `"ref"`): the same weights and sampling settings per row as `"separate"`, which runs a
+            second `generate` call for the reference. `"auto"` is `"batched"` wherever it applies (plain LoRA
+            adapters, unmerged, no vLLM, tools or vision inputs) and `"separate"` elsewhere; an explicit `"batched"`
+            that cannot apply is an error.
         reference_vllm_server_base_url (`str`, *optional*):
             Base URL of the reference vLLM server (e.g. `"http://localhost:8001"`); overrides host and port.
         reference_vllm_server_host (`str`, *optional*):
@@ -465,6 +473,19 @@ class AAPOConfig(
             "'vllm_colocate': the policy's colocated vLLM engine with the reference weights swapped in (needs "
             "use_vllm=True, vllm_mode='colocate'). 'cache': the ref_rewards column written by aapo-trl ref-rollouts.",
             "choices": list(REFERENCE_SOURCES),
+        },
+    )
+    REFERENCE_GENERATIONS = ("auto", "batched", "separate")  # not a field: no annotation
+    reference_generation: str = field(
+        default="auto",
+        metadata={
+            "help": "PEFT policy with reference_source='model': 'batched' samples the reference rows in the policy's "
+            "own generate call (PEFT mixed-adapter batch: reference rows run the adapters-off base or the frozen "
+            "initial adapter 'ref'; same weights and sampling settings per row as 'separate'); 'separate' runs a "
+            "second generate call for the reference. 'auto': 'batched' where it applies (plain unmerged LoRA, "
+            "transformers generation, no tools or vision inputs), else 'separate'. An explicit 'batched' that "
+            "cannot apply is an error.",
+            "choices": list(REFERENCE_GENERATIONS),
         },
     )
     reference_vllm_server_base_url: str | None = field(
@@ -556,6 +577,13 @@ class AAPOConfig(
                 f"engine, so it needs use_vllm=True and vllm_mode='colocate' (got use_vllm={self.use_vllm}, "
                 f"vllm_mode={self.vllm_mode!r}). With a vLLM server for the policy, use reference_source="
                 "'vllm_server' and a second server for the reference."
+            )
+        require_choice(self, "reference_generation", self.REFERENCE_GENERATIONS)
+        if self.reference_generation == "batched" and (source != "model" or self.use_vllm):
+            raise ValueError(
+                "reference_generation='batched' samples the reference in the PEFT policy's own transformers generate "
+                f"call, so it needs reference_source='model' and use_vllm=False (got reference_source={source!r}, "
+                f"use_vllm={self.use_vllm}). Use reference_generation='auto' or 'separate'."
             )
         if source == "cache" and self.ref_update_steps is not None:
             raise ValueError(

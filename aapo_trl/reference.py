@@ -449,6 +449,112 @@ class PeftBaseReference:
         )
 
 
+# ---- AAPO-LoRA: the reference's rows in the policy's own generate call (reference_generation="batched") ---------
+
+BASE_ROWS = "__base__"  # PEFT's name for mixed-batch rows that run the base model, every adapter off
+MIXED_BATCH_MODULES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def reference_rows_adapter(model) -> str:
+    """The adapter PEFT's mixed batches give the reference's rows: the frozen initial adapter, or none (the base).
+
+    The same choice as :meth:`PeftBaseReference.generation_model`: "ref" when :func:`keep_initial_adapter` (or
+    TRL's ``beta != 0``) made that copy, else the adapters-off base.
+    """
+    return INITIAL_ADAPTER if INITIAL_ADAPTER in model.peft_config else BASE_ROWS
+
+
+def mixed_batch_unsupported(model) -> str | None:
+    """Why the policy's and the reference's rows of this PEFT model cannot share one mixed-adapter batch (None: they can).
+
+    PEFT 0.21 runs a row with the adapter named for it in LoRA layers (plain LoRA: ``_mixed_batch_forward`` refuses
+    DoRA, and variants such as aLoRA take another path) and in ``modules_to_save`` copies of Linear, Embedding and
+    Conv modules only; adapters must not be merged into the base weights, and a row carries a single adapter.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    if len(model.active_adapters) != 1:
+        return f"the policy has several active adapters ({model.active_adapters}); a mixed-batch row runs one"
+    adapters = [model.active_adapter] + ([INITIAL_ADAPTER] if INITIAL_ADAPTER in model.peft_config else [])
+    for adapter in adapters:
+        if not _is_plain_lora(model.peft_config[adapter]):
+            return (f"the adapter {adapter!r} is not a plain LoRA (DoRA, LoRA bias, trainable tokens or another tuner), "
+                    "which PEFT's mixed-adapter batches do not run")
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            if module.merged:
+                return f"adapters are merged into {name}; PEFT runs mixed-adapter batches on unmerged adapters only"
+            variants = sorted(set(adapters) & set(getattr(module, "lora_variant", {})))
+            if variants:
+                return f"{name} runs a LoRA variant for {variants}, which mixed-adapter batches do not support"
+        elif isinstance(module, ModulesToSaveWrapper) and not isinstance(module.original_module, MIXED_BATCH_MODULES):
+            return (f"modules_to_save holds {name} ({type(module.original_module).__name__}); PEFT mixes adapters per "
+                    "row only in Linear, Embedding and Conv modules")
+    return None
+
+
+def batched_reference_unsupported(trainer) -> str | None:
+    """Why this trainer cannot sample its reference rows in the policy's generate call (None: it can, exactly)."""
+    if not isinstance(trainer.reference, PeftBaseReference):
+        return ("the reference is not the PEFT policy's own base or initial adapter (no PEFT policy, reference_model= "
+                f"given, or reference_source={trainer.args.reference_source!r})")
+    if trainer.use_vllm or trainer.use_transformers_continuous_batching:
+        return "the policy does not generate with transformers generate (use_vllm or continuous batching)"
+    if trainer.tools or trainer.rollout_func is not None:
+        return "the policy generates with tools or a rollout_func, which the reference does not use"
+    if trainer._is_vlm:
+        return "the policy is a vision-language model (the reference samples text prompts only)"
+    return mixed_batch_unsupported(trainer.accelerator.unwrap_model(trainer.model))
+
+
+def resolve_reference_generation(trainer) -> str:
+    """``AAPOConfig.reference_generation`` as it runs: "batched" or "separate" ("auto": batched where it applies)."""
+    requested = trainer.args.reference_generation
+    if requested == "separate":
+        return "separate"
+    reason = batched_reference_unsupported(trainer)
+    if reason is None:
+        return "batched"
+    if requested == "batched":
+        raise ValueError(
+            f"reference_generation='batched' samples the reference in the PEFT policy's own generate call, but {reason}. "
+            "Use reference_generation='auto' (batched where it applies) or 'separate'."
+        )
+    return "separate"
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names  # what PEFT's own pre-forward hook does (peft.tuners.lora.model)
+    return args, kwargs
+
+
+@contextmanager
+def mixed_adapter_rows(model, adapter_names: list[str]):
+    """Run row ``i`` of every forward of the PEFT ``model`` with the adapter ``adapter_names[i]`` ("__base__": none).
+
+    PEFT's ``generate(adapter_names=...)`` registers this same pre-forward hook on every LoRA layer and
+    ``modules_to_save`` wrapper, but refuses a model in training mode (mixed batches cannot be trained). TRL
+    samples the policy in training mode, under ``no_grad``, and the separate reference sampler runs the PEFT
+    policy in the same mode: registering the hooks here keeps each row's computation what it would be alone
+    (LoRA dropout included), with the mode left alone.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    hook = functools.partial(_inject_adapter_names, adapter_names=adapter_names)
+    handles = [
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+        for module in model.modules()
+        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _reference_server_generation_class():
     """TRL's ``VLLMGeneration`` subclass for the reference server, built on first use (TRL imports vLLM lazily)."""
     from trl.generation.vllm_client import VLLMClient
@@ -715,12 +821,17 @@ __all__ = [
     "PeftBaseReference",
     "VLLMServerReference",
     "adapter_is_identity",
+    "batched_reference_unsupported",
     "frozen_copy",
     "hide_initial_adapter_from_policy_sync",
     "initial_policy_model",
     "keep_initial_adapter",
     "make_reference",
+    "mixed_adapter_rows",
+    "mixed_batch_unsupported",
     "prepare_reference_model",
+    "reference_rows_adapter",
+    "resolve_reference_generation",
     "sample_reference_completions",
     "sampling_generation_config",
     "truncate_after_eos",

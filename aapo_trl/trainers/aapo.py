@@ -23,6 +23,9 @@ from ..reference import (
     PeftBaseReference,
     hide_initial_adapter_from_policy_sync,
     make_reference,
+    mixed_adapter_rows,
+    reference_rows_adapter,
+    resolve_reference_generation,
 )
 from ..validation import validate_tokenizers_match
 from .base import AdvantageTrainerMixin, ScoredBatch
@@ -103,6 +106,13 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             more_args, kwargs = _with_ref_rollouts(args, more_args, kwargs)
         if args.ref_update_steps is not None and _is_peft_run(model, more_args, kwargs):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
+        if args.reference_generation == "batched" and (reference_model is not None
+                                                        or not _is_peft_run(model, more_args, kwargs)):
+            raise ValueError(
+                "reference_generation='batched' samples the reference in the PEFT policy's own generate call, so it "
+                "needs a PEFT policy (a PeftModel or peft_config=) referenced by its own base or initial adapter, "
+                "without reference_model=. Use reference_generation='auto' or 'separate'."
+            )
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         # Built here, before Trainer.train() wraps the policy with accelerate/DeepSpeed.
         if args.reference_source == "cache":
@@ -111,6 +121,9 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             self.reference = make_reference(
                 self, None if reference_model is None else _load_reference_model(reference_model, self.model)
             )
+        # "batched": the reference's rows ride in the policy's generate call (_generate_single_turn)
+        self.reference_generation = resolve_reference_generation(self)
+        self._batched_reference: dict | None = None
         with_initial_adapter = is_peft_model(self.model) and INITIAL_ADAPTER in self.model.peft_config
         if with_initial_adapter and getattr(self, "vllm_generation", None) is not None:
             hide_initial_adapter_from_policy_sync(self.vllm_generation)
@@ -181,6 +194,44 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                 (checkpoint_step // self.args.ref_update_steps + 1) * self.args.ref_update_steps,
             )
 
+    # ---- reference_generation="batched": one generate call for the policy's and the reference's rows ------------
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        """TRL's transformers generation, with one reference row per prompt row appended when ``"batched"``.
+
+        PEFT's mixed-adapter batch runs the policy's rows with the trained adapter and the reference's rows with
+        the reference's (:func:`aapo_trl.reference.reference_rows_adapter`); TRL's padding, sampling settings and
+        EOS truncation apply to every row alike. The policy's rows go back to TRL; the reference's wait for
+        :meth:`_reference_rewards`.
+        """
+        wants_reference = self.model.training or self.args.eval_reference_rollouts
+        if self.reference_generation != "batched" or not wants_reference:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        model = self.accelerator.unwrap_model(self.model)
+        rows = len(prompt_ids)
+        adapter_names = [model.active_adapter] * rows + [reference_rows_adapter(model)] * rows
+        with mixed_adapter_rows(model, adapter_names):
+            completion_ids, logprobs = super()._generate_single_turn(
+                list(prompt_ids) + list(prompt_ids), images, multimodal_fields, num_generations, has_tool_images
+            )
+        self._batched_reference = {"prompt_ids": [list(ids) for ids in prompt_ids],
+                                   "completion_ids": [list(ids) for ids in completion_ids[rows:]]}
+        return completion_ids[:rows], None if logprobs is None else logprobs[:rows]
+
+    def _sample_reference(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        """The reference completions of these prompt rows: from the batched generate call, or sampled now."""
+        if self.reference_generation != "batched":
+            with profiling_context(self, "reference_generate"):
+                return self.reference.sample(self, prompt_ids, num_generations)
+        batched, self._batched_reference = self._batched_reference, None
+        if batched is None or batched["prompt_ids"] != prompt_ids:  # pragma: no cover - guards a TRL seam change
+            raise RuntimeError(
+                "reference_generation='batched': the policy's generate call did not produce the reference rows of "
+                "these prompts; aapo-trl is pinned to trl==1.16.0, check the version (or use 'separate')."
+            )
+        return batched["completion_ids"]
+
     def compute_advantages(self, rewards, scored: ScoredBatch, output, num_generations, mode):
         if mode == "eval" and not self.args.eval_reference_rollouts:
             return group_relative_advantages(rewards, num_generations, scale=self.scale_rewards)
@@ -209,8 +260,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         if self.reference.kind == "cache":
             return self._cached_reference_rewards(scored, num_generations, mode)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
-        with profiling_context(self, "reference_generate"):
-            ref_ids = self.reference.sample(self, prompt_ids, num_generations)
+        ref_ids = self._sample_reference(prompt_ids, num_generations)
         if len(ref_ids) != len(prompt_ids):  # pragma: no cover - a sampler bug
             raise RuntimeError(f"the reference returned {len(ref_ids)} completions for {len(prompt_ids)} rows")
         texts = self.processing_class.batch_decode(ref_ids, skip_special_tokens=True)
