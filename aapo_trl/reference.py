@@ -465,7 +465,7 @@ def reference_rows_adapter(model) -> str:
 
 
 def mixed_batch_unsupported(model) -> str | None:
-    """Why the policy's and the reference's rows of this PEFT model cannot share one mixed-adapter batch (None: they can).
+    """Why the policy's and the reference's rows of this PEFT model cannot share a mixed-adapter batch (None: they can).
 
     PEFT 0.21 runs a row with the adapter named for it in LoRA layers (plain LoRA: ``_mixed_batch_forward`` refuses
     DoRA, and variants such as aLoRA take another path) and in ``modules_to_save`` copies of Linear, Embedding and
@@ -479,8 +479,8 @@ def mixed_batch_unsupported(model) -> str | None:
     adapters = [model.active_adapter] + ([INITIAL_ADAPTER] if INITIAL_ADAPTER in model.peft_config else [])
     for adapter in adapters:
         if not _is_plain_lora(model.peft_config[adapter]):
-            return (f"the adapter {adapter!r} is not a plain LoRA (DoRA, LoRA bias, trainable tokens or another tuner), "
-                    "which PEFT's mixed-adapter batches do not run")
+            return (f"the adapter {adapter!r} is not a plain LoRA (DoRA, LoRA bias, trainable tokens or another "
+                    "tuner), which PEFT's mixed-adapter batches do not run")
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             if module.merged:
@@ -518,8 +518,8 @@ def resolve_reference_generation(trainer) -> str:
         return "batched"
     if requested == "batched":
         raise ValueError(
-            f"reference_generation='batched' samples the reference in the PEFT policy's own generate call, but {reason}. "
-            "Use reference_generation='auto' (batched where it applies) or 'separate'."
+            "reference_generation='batched' samples the reference in the PEFT policy's own generate call, but "
+            f"{reason}. Use reference_generation='auto' (batched where it applies) or 'separate'."
         )
     return "separate"
 

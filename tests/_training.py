@@ -48,6 +48,34 @@ def perturb_(model: torch.nn.Module, scale: float = 0.5, seed: int = 1234) -> No
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def perturb_adapter_(model, name: str = "default", seed: int = 0) -> None:
+    """Move every tensor of one adapter (LoRA A and B alike): a trained adapter, or the policy's adapter training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter_name, parameter in model.named_parameters():
+            if f".{name}." in parameter_name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+
+
+def lora(**overrides):
+    """A small LoRA on the attention projections of the tiny Llama (PEFT's default init: B = 0, the identity)."""
+    from peft import LoraConfig
+
+    return LoraConfig(**{"r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
+                         **overrides})
+
+
+def peft_policy_with_a_trained_adapter(tiny_model_path, config=None):
+    """A PeftModel whose adapter (``config``, default :func:`lora`) is not the identity, as an SFT LoRA or a resumed
+    run arrives."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), config or lora())
+    perturb_adapter_(policy, seed=1)
+    return policy
+
+
 class Recorder:
     """Wraps a trainer's seams to record what the advantage step and the loss saw."""
 

@@ -59,7 +59,9 @@ TRAINERS = {
     "grpo": (GRPOBaselineTrainer, GRPOBaselineConfig, {}, {}),
     "gpg": (GPGTrainer, GPGConfig, {}, {}),
     "aapo-frozen-copy": (AAPOTrainer, AAPOConfig, {}, {}),
-    "aapo-peft-base": (AAPOTrainer, AAPOConfig, {}, {"peft_config": lora}),
+    # the generation is canned below, so the reference is sampled by its own call (reference_generation="batched"
+    # would take its rows from the canned policy generation)
+    "aapo-peft-base": (AAPOTrainer, AAPOConfig, {"reference_generation": "separate"}, {"peft_config": lora}),
     "aapo-cache": (AAPOTrainer, AAPOConfig, {"reference_source": "cache"}, {}),
     "zapo": (ZAPOTrainer, ZAPOConfig, {}, {}),
     "zapo-greso": (ZAPOTrainer, ZAPOConfig, {"greso": True}, {}),

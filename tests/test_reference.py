@@ -12,7 +12,14 @@ import copy
 
 import pytest
 import torch
-from _training import CPU_ARGS, hashed_reward, prompt_dataset
+from _training import (
+    CPU_ARGS,
+    hashed_reward,
+    lora,
+    peft_policy_with_a_trained_adapter,
+    perturb_adapter_,
+    prompt_dataset,
+)
 from transformers import AutoModelForCausalLM
 
 from aapo_trl.configs import AAPOConfig
@@ -49,31 +56,6 @@ def reference_logits(trainer) -> torch.Tensor:
     """The logits of the model the reference samples with."""
     with trainer.reference.generation_model(trainer) as model:
         return logits_of(model)
-
-
-def perturb_adapter_(model, name: str = "default", seed: int = 0) -> None:
-    """Move every tensor of one adapter (LoRA A and B alike): a trained adapter, or the policy's adapter training."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter_name, parameter in model.named_parameters():
-            if f".{name}." in parameter_name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
-
-
-def lora(**overrides):
-    from peft import LoraConfig
-
-    return LoraConfig(**{"r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM",
-                         **overrides})
-
-
-def peft_policy_with_a_trained_adapter(tiny_model_path):
-    """A PeftModel whose adapter is not the identity, as an SFT LoRA or a resumed run arrives."""
-    from peft import get_peft_model
-
-    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora())
-    perturb_adapter_(policy, seed=1)
-    return policy
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""AAPO-LoRA in one generation call: ``reference_generation="batched"``.
+
+With a PEFT policy, AAPO's reference rows ride in the policy's own ``generate`` call as a PEFT mixed-adapter batch:
+the policy's rows run the trained adapter, the reference's rows the adapters-off base (a fresh LoRA) or the frozen
+copy of the initial adapter ("ref", a policy that arrived with a trained adapter). These tests show that
+
+* the reference rows are sampled from the reference: the logits that drew each of their tokens are the reference
+  model's, not the (trained) policy's, and the policy's rows still are the policy's;
+* with greedy decoding the batched rows equal what the separate path generates (policy and reference alike);
+* a real AAPO step runs one generate call instead of two, with finite losses and the ``aapo/*`` metrics;
+* ``"auto"`` picks ``"batched"`` only where PEFT's mixed batches apply, and an explicit ``"batched"`` that cannot
+  apply is a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _training import (
+    CPU_ARGS,
+    hashed_reward,
+    lora,
+    peft_policy_with_a_trained_adapter,
+    perturb_adapter_,
+    prompt_dataset,
+)
+from transformers import AutoModelForCausalLM
+
+from aapo_trl.configs import AAPOConfig
+from aapo_trl.reference import mixed_batch_unsupported
+from aapo_trl.trainers import AAPOTrainer
+
+NUM_GENERATIONS = 3
+
+
+def aapo_config(tmp_path, **overrides):
+    values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=NUM_GENERATIONS,
+                  max_completion_length=6, max_steps=1)
+    values.update(overrides)
+    return AAPOConfig(**values)
+
+
+def make_trainer(model, tmp_path, peft_config=None, **overrides):
+    return AAPOTrainer(model, reward_funcs=[hashed_reward], args=aapo_config(tmp_path, **overrides),
+                       train_dataset=prompt_dataset(), peft_config=peft_config)
+
+
+def reference_kind_trainer(kind, tiny_model_path, tmp_path, **overrides):
+    """An AAPO-LoRA trainer whose policy has trained away from its reference (adapters off, or the "ref" copy)."""
+    if kind == "adapters_off":  # a fresh LoRA: the reference is the base
+        trainer = make_trainer(str(tiny_model_path), tmp_path, peft_config=lora(), **overrides)
+        assert "ref" not in trainer.model.peft_config
+    else:  # an SFT-like adapter (with an lm_head copy in modules_to_save): the reference is its frozen "ref" copy
+        policy = peft_policy_with_a_trained_adapter(tiny_model_path, lora(modules_to_save=["lm_head"]))
+        trainer = make_trainer(policy, tmp_path, **overrides)
+        assert "ref" in trainer.model.peft_config
+    perturb_adapter_(trainer.model, seed=7)  # the policy's adapter has trained since step 0
+    trainer.model.train()  # TRL generates in training mode
+    return trainer
+
+
+def prompt_ids_of(trainer) -> list[list[int]]:
+    prompt_ids, _, _ = trainer._tokenize_prompts([row["prompt"] for row in prompt_dataset()])
+    return prompt_ids
+
+
+class StepLogits:
+    """The logits each generation step drew its tokens from, per row: a forward hook on the model under PEFT."""
+
+    def __init__(self, peft_model):
+        self.steps = []
+        self.handle = peft_model.get_base_model().register_forward_hook(self.record)
+
+    def record(self, module, args, output):
+        self.steps.append(output.logits[:, -1].detach().float())
+
+    def rows(self) -> torch.Tensor:
+        self.handle.remove()
+        return torch.stack(self.steps, dim=1)  # (rows, steps, vocab)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The logits ``model`` gives each completion token, from the prompt and the tokens before it."""
+    logits = model(input_ids=torch.tensor([prompt + completion])).logits[0].float()
+    return logits[len(prompt) - 1: len(prompt) - 1 + len(completion)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["adapters_off", "initial_adapter"])
+def test_reference_rows_are_drawn_from_the_reference_and_policy_rows_from_the_policy(tiny_model_path, tmp_path,
+                                                                                        kind):
+    trainer = reference_kind_trainer(kind, tiny_model_path, tmp_path)
+    assert trainer.reference_generation == "batched"
+    prompt_ids = prompt_ids_of(trainer)
+    rows = len(prompt_ids)
+
+    recorder = StepLogits(trainer.model)
+    policy_ids, _ = trainer._generate_single_turn(prompt_ids, None, {}, NUM_GENERATIONS)
+    step_logits = recorder.rows()
+    reference_ids = trainer._batched_reference["completion_ids"]
+    assert step_logits.size(0) == 2 * rows  # one call for both
+    assert len(policy_ids) == len(reference_ids) == rows
+
+    with trainer.reference.generation_model(trainer) as reference:
+        reference_says = [teacher_forced_logits(reference, p, c) for p, c in zip(prompt_ids, reference_ids)]
+    policy_on_reference_rows = [teacher_forced_logits(trainer.model, p, c) for p, c in zip(prompt_ids, reference_ids)]
+    policy_says = [teacher_forced_logits(trainer.model, p, c) for p, c in zip(prompt_ids, policy_ids)]
+    for row in range(rows):
+        drawn_from = step_logits[rows + row, : len(reference_ids[row])]
+        torch.testing.assert_close(drawn_from, reference_says[row], atol=1e-4, rtol=1e-4)
+        assert (drawn_from - policy_on_reference_rows[row]).abs().max() > 1e-1  # the policy would say otherwise
+        torch.testing.assert_close(step_logits[row, : len(policy_ids[row])], policy_says[row], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["adapters_off", "initial_adapter"])
+def test_greedy_batched_rows_equal_the_separate_calls(tiny_model_path, tmp_path, kind):
+    trainer = reference_kind_trainer(kind, tiny_model_path, tmp_path, generation_kwargs={"do_sample": False})
+    prompt_ids = prompt_ids_of(trainer)
+    batched_policy, _ = trainer._generate_single_turn(prompt_ids, None, {}, NUM_GENERATIONS)
+    batched_reference = trainer._batched_reference["completion_ids"]
+
+    trainer.reference_generation = "separate"
+    separate_policy, _ = trainer._generate_single_turn(prompt_ids, None, {}, NUM_GENERATIONS)
+    separate_reference = trainer.reference.sample(trainer, prompt_ids, NUM_GENERATIONS)
+    assert batched_policy == separate_policy
+    assert batched_reference == separate_reference
+    assert batched_policy != batched_reference  # the two halves really ran different weights
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "reference_generation", "generate_calls"),
+                         [("adapters_off", "auto", 1), ("initial_adapter", "batched", 1),
+                          ("adapters_off", "separate", 2)])
+def test_an_aapo_step_runs_one_generate_call(tiny_model_path, tmp_path, monkeypatch, kind, reference_generation,
+                                             generate_calls):
+    trainer = reference_kind_trainer(kind, tiny_model_path, tmp_path, max_steps=2,
+                                     reference_generation=reference_generation)
+    assert trainer.reference_generation == ("separate" if generate_calls == 2 else "batched")
+    batch_sizes = []
+    generate = trainer.model.generate
+
+    def counting_generate(*args, **kwargs):
+        batch_sizes.append(kwargs["input_ids"].size(0))
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.model, "generate", counting_generate)
+    trainer.train()
+
+    rows = trainer.args.per_device_train_batch_size
+    assert batch_sizes == [rows * (3 - generate_calls)] * generate_calls * trainer.args.max_steps
+    assert len(trainer._last_reference["completion_ids"]) == rows
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        assert math.isfinite(entry["loss"])
+        for metric in ("aapo/margin_mean", "aapo/ref_reward_mean", "aapo/ref_completion_mean_length"):
+            assert math.isfinite(entry[metric]), metric
+        assert entry["aapo/ref_completion_mean_length"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# where "batched" applies
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_config_refuses_an_explicit_batched_reference_that_cannot_apply(tmp_path):
+    with pytest.raises(ValueError, match="reference_generation must be one of"):
+        aapo_config(tmp_path, reference_generation="sometimes")
+    with pytest.raises(ValueError, match="reference_generation='batched'.*reference_source='model'"):
+        aapo_config(tmp_path, reference_generation="batched", reference_source="cache")
+
+
+def test_explicit_batched_without_peft_fails_before_loading_the_model(tmp_path):
+    with pytest.raises(ValueError, match="reference_generation='batched'.*needs a PEFT policy"):
+        make_trainer("no/such-model", tmp_path, reference_generation="batched")
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_separate_where_mixed_batches_do_not_apply(tiny_model_path, tmp_path):
+    assert make_trainer(str(tiny_model_path), tmp_path).reference_generation == "separate"  # no PEFT: frozen copy
+    dora = lora(use_dora=True)
+    assert make_trainer(str(tiny_model_path), tmp_path, peft_config=dora).reference_generation == "separate"
+    with pytest.raises(ValueError, match="reference_generation='batched'.*not a plain LoRA"):
+        make_trainer(str(tiny_model_path), tmp_path, peft_config=dora, reference_generation="batched")
+
+
+def test_mixed_batches_need_unmerged_plain_lora_and_supported_modules_to_save(tiny_model_path):
+    from peft import get_peft_model
+
+    def peft_model(config):
+        return get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), config)
+
+    assert mixed_batch_unsupported(peft_model(lora(modules_to_save=["lm_head"]))) is None
+    assert "not a plain LoRA" in mixed_batch_unsupported(peft_model(lora(use_dora=True)))
+    assert "LlamaRMSNorm" in mixed_batch_unsupported(peft_model(lora(modules_to_save=["norm"])))
+    merged = peft_model(lora())
+    merged.merge_adapter()
+    assert "merged" in mixed_batch_unsupported(merged)
