@@ -22,6 +22,11 @@ completion (token ids) per prompt row:
   ``ref_rollouts`` sits above this module (its sampler reuses :func:`truncate_after_eos`), so nothing
   here imports it.
 
+With a PEFT policy the ``"model"`` source need not sample at all: by default (``reference_generation``) the
+trainer appends the reference's rows to the policy's own ``generate`` call as a PEFT mixed-adapter batch
+(:func:`mixed_adapter_rows`, :func:`reference_rows_adapter`, :func:`resolve_reference_generation`), and
+:meth:`PeftBaseReference.sample` is the separate path kept as the fallback.
+
 Every sampler uses the policy's sampling settings (TRL's ``generation_config`` or its vLLM settings).
 Nothing here imports vLLM: the vLLM sources only go through TRL's ``VLLMGeneration``/``VLLMClient``.
 """

@@ -16,7 +16,11 @@ aapo            AAPOTrainer, reference = frozen deep copy (online)         grpo 
 aapo_cache      AAPOTrainer, reference_source="cache" (aapo-trl            grpo        <= 1.02
                 ref-rollouts run once before the benchmark, not timed)
 grpo_peft       GRPO with LoRA (r 16, all linear layers)                   -           -
-aapo_peft       AAPOTrainer with LoRA, reference = adapters switched off   grpo_peft   <= 1.25
+aapo_peft       AAPOTrainer with LoRA, reference = adapters switched off,  grpo_peft   <= 1.12
+                its rows in the policy's generate call (PEFT mixed-adapter
+                batch, reference_generation="batched", the default)
+aapo_peft_sep   the same with reference_generation="separate" (a second    grpo_peft   -
+                generate call for the reference: the fallback path)
 zapo            ZAPOTrainer (its own reward, final_number_zapo)            grpo        <= 1.10
 zapo_greso      ZAPOTrainer + GRESO pre-rollout filtering                  grpo        <= 1.10
 ==============  =========================================================  ==========  =====================
@@ -39,7 +43,8 @@ How it measures
   contexts (whose timings TRL 1.16 only sends to wandb/mlflow/trackio, so the worker records them by
   patching ``trl.extras.profiling.ProfilingContext._log_metrics``) plus timers on
   ``training_step``, ``accelerator.backward`` and ``compute_advantages``:
-  ``generation`` (``transformers.generate``), ``ref_generation`` (our ``reference_generate``),
+  ``generation`` (``transformers.generate``; with ``reference_generation="batched"`` it holds the
+  reference's rows too), ``ref_generation`` (our ``reference_generate``, the separate call),
   ``ref_scoring`` (``reference_rewards``: scoring the reference samples, or reading the cache),
   ``extra_forward`` (ZAPO's ``zapo_entropy_forward``, plus any old-log-prob forward TRL runs inside
   ``_prepare_inputs``), ``advantage`` (``compute_advantages`` minus the reference and entropy parts
@@ -50,7 +55,7 @@ How it measures
   process alone: model, optimizer state, the reference copy, activations), so the numbers compare the
   variants even though they run side by side. Between steps each worker calls ``malloc_trim(0)``
   (``--no-trim`` to disable) so that the sleeping workers give back the freed activation memory and
-  eight trainers fit in memory at once; the pages a step re-faults are part of its time, alike for
+  nine trainers fit in memory at once; the pages a step re-faults are part of its time, alike for
   every variant. The idle RSS between steps is reported too.
 * **Advantage maths alone** (pure functions of ``aapo_trl.advantages``, ``aapo_trl.zapo_math`` and
   ``aapo_trl.entropy``) at the papers' scale, G = 8 and 256 prompts (2048 rows), hidden size 1536
@@ -59,7 +64,7 @@ How it measures
 
 Memory (an estimate from the parameter count, not a measurement): ~2.2 GB per full fine-tuning worker at
 rest once its Adam state exists (after its first step), +0.55 GB for AAPO's frozen copy, ~1.2 GB per LoRA
-worker, plus one active step (~3 GB): ~18 GB for all eight variants with the embedded model. The controller
+worker, plus one active step (~3 GB): ~19 GB for all nine variants with the embedded model. The controller
 starts no worker and no step while less than ``--min-free-gb`` is available; it then stops, reports what it
 measured so far and says so. Run subsets with ``--variants`` (keep their baselines) on smaller machines.
 """
@@ -110,8 +115,10 @@ VARIANTS = {
         Variant("aapo", "AAPO (frozen copy)", "aapo", target=1.25),
         Variant("aapo_cache", "AAPO (reference-reward cache)", "aapo", ("--reference_source", "cache"), target=1.02),
         Variant("grpo_peft", "GRPO (LoRA)", "grpo", PEFT_ARGS, baseline=None, peft=True),
-        Variant("aapo_peft", "AAPO (LoRA, adapters off)", "aapo", PEFT_ARGS, baseline="grpo_peft", target=1.25,
-                peft=True),
+        Variant("aapo_peft", "AAPO (LoRA, adapters off, batched reference)", "aapo", PEFT_ARGS,
+                baseline="grpo_peft", target=1.12, peft=True),
+        Variant("aapo_peft_sep", "AAPO (LoRA, adapters off, separate reference generate)", "aapo",
+                (*PEFT_ARGS, "--reference_generation", "separate"), baseline="grpo_peft", peft=True),
         Variant("zapo", "ZAPO", "zapo", target=1.10),
         Variant("zapo_greso", "ZAPO + GRESO", "zapo", ("--greso", "true"), target=1.10),
     ]
@@ -323,6 +330,7 @@ def _worker(conn, spec: dict) -> None:
     info = {
         "torch_threads": torch.get_num_threads(),
         "reference_kind": getattr(reference, "kind", None),
+        "reference_generation": getattr(trainer, "reference_generation", None),
         "reward_funcs": list(script_args.reward_funcs),
         "completions_per_step": training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps,
