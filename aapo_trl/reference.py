@@ -41,6 +41,13 @@ from trl.distributed import DistributedBackend
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
 
+from .reference_overlap import (
+    BackgroundReferenceRequests,
+    PendingReferenceRequest,
+    bound_request_time,
+    reference_server_error,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -528,6 +535,11 @@ class VLLMServerReference:
             generation_kwargs=args.generation_kwargs,
         )
         self.weight_updates = 0
+        self.request_timeout = args.reference_request_timeout
+        client = getattr(self.generation, "vllm_client", None)  # main process only
+        if client is not None:
+            bound_request_time(client.session, self.request_timeout)
+        self.background_requests = BackgroundReferenceRequests(self.generation, self.base_url, self.request_timeout)
         self._check_served_model(trainer)
         policy = trainer.model
         if is_peft_model(policy) and not adapter_is_identity(policy, policy.active_adapter):
@@ -548,15 +560,34 @@ class VLLMServerReference:
             )
 
     def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
-        _, completion_ids, _, _ = self.generation.generate(
-            prompts=prompt_ids, images=None, num_generations=num_generations
-        )
+        """The sequential path (``reference_request_overlap=False``): TRL's ``VLLMGeneration.generate``, now."""
+        try:
+            _, completion_ids, _, _ = self.generation.generate(
+                prompts=prompt_ids, images=None, num_generations=num_generations
+            )
+        except Exception as error:
+            raise reference_server_error(self.base_url, self.request_timeout, error) from error
         return [list(ids) for ids in completion_ids]
 
+    def send_request(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> PendingReferenceRequest:
+        """The overlapped path (``reference_request_overlap``): the same request as :meth:`sample`, sent now from a
+        background thread and collected later with ``.completions(accelerator, prompt_ids)``. Collective."""
+        return self.background_requests.send(trainer.accelerator, prompt_ids, num_generations)
+
+    def close(self) -> None:
+        """Cancel the reference requests not yet sent (end of training, or an exception)."""
+        self.background_requests.close()
+
     def load_policy_weights(self, trainer) -> None:
-        """``ref_update_steps``: push the current policy weights into the reference server."""
+        """``ref_update_steps``: push the current policy weights into the reference server.
+
+        Runs on the training thread between steps (``on_step_end``), after the step's reference request was
+        collected and before the next one is sent, so the next request sees the new weights; a request still on the
+        wire (none in normal operation) is waited for first.
+        """
         if is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
             PeftBaseReference().load_policy_weights(trainer)  # raises the explanatory error
+        self.background_requests.wait_idle()
         self.generation.model = trainer.model
         self.generation.sync_weights()
         self.weight_updates += 1

@@ -120,6 +120,47 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                 self.reference.load_policy_weights(self)  # pragma: no cover - caught above
             self.add_callback(ReferenceUpdateCallback(self, args.ref_update_steps))
         self._last_reference: dict | None = None
+        self._pending_reference_request = None  # reference_request_overlap: sent before the policy generates
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # no reference request outlives training, also on an exception
+            self._pending_reference_request = None
+            if hasattr(self.reference, "close"):
+                self.reference.close()
+
+    # ---- the reference server's request, overlapped with the policy's generation (reference_request_overlap) -----
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL tokenizes the step's prompts right before the policy generates: the earliest the request can go."""
+        tokenized = super()._tokenize_prompts(prompts)
+        self._send_reference_request(tokenized[0])
+        return tokenized
+
+    def _send_reference_request(self, prompt_ids: list[list[int]]) -> None:
+        """Ask the reference server now for the completions :meth:`_reference_rewards` will need.
+
+        Only generation batches that need a reference get a request (TRL generates once per ``steps_per_generation
+        * num_iterations`` steps; evaluation only with ``eval_reference_rollouts``); every process sends its own
+        rows (gathered, as in the sequential path). A generation without tokenization (``rollout_func``) sends
+        nothing and falls back to the sequential path.
+        """
+        self._pending_reference_request = None
+        if not (self.args.reference_request_overlap and hasattr(self.reference, "send_request")):
+            return
+        training = self.model.training
+        if not training and not self.args.eval_reference_rollouts:
+            return
+        num_generations = self.num_generations if training else self.num_generations_eval
+        self._pending_reference_request = self.reference.send_request(self, prompt_ids, num_generations)
+
+    def _sample_reference(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
+        """The reference completions of these rows: the overlapped request's answer, or sampled now."""
+        request, self._pending_reference_request = self._pending_reference_request, None
+        if request is None:
+            return self.reference.sample(self, prompt_ids, num_generations)
+        return request.completions(self.accelerator, prompt_ids)
 
     # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
 
@@ -210,7 +251,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             return self._cached_reference_rewards(scored, num_generations, mode)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
         with profiling_context(self, "reference_generate"):
-            ref_ids = self.reference.sample(self, prompt_ids, num_generations)
+            ref_ids = self._sample_reference(prompt_ids, num_generations)
         if len(ref_ids) != len(prompt_ids):  # pragma: no cover - a sampler bug
             raise RuntimeError(f"the reference returned {len(ref_ids)} completions for {len(prompt_ids)} rows")
         texts = self.processing_class.batch_decode(ref_ids, skip_special_tokens=True)
