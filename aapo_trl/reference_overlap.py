@@ -78,15 +78,13 @@ def bound_request_time(session, timeout: float) -> None:
             pool_connections=current._pool_connections,
             pool_maxsize=current._pool_maxsize,
             pool_block=current._pool_block,
-            max_retries=current.max_retries.new(read=0),
+            max_retries=current.max_retries.new(read=False),  # False: re-raised as is, a requests.ReadTimeout
         ))
 
 
 def reference_server_error(url: str, timeout: float, error: BaseException, waited: float | None = None):
     """The clear error for a failed reference request: a :class:`ReferenceServerTimeout` for any time-out."""
-    import requests
-
-    if isinstance(error, (requests.Timeout, TimeoutError, FutureTimeout)):
+    if _is_timeout(error):
         waited_text = "" if waited is None else f" (waited {waited:.1f} s)"
         return ReferenceServerTimeout(
             f"The reference vLLM server at {url} did not answer the reference request within "
@@ -97,6 +95,21 @@ def reference_server_error(url: str, timeout: float, error: BaseException, waite
         f"The reference vLLM server at {url} failed to answer the reference request "
         f"({TIMEOUT_SETTING}={timeout:g} s): {type(error).__name__}: {error}"
     )
+
+
+def _is_timeout(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it was raised from, is a time-out (requests wraps some in ConnectionError)."""
+    import requests
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (requests.Timeout, TimeoutError, FutureTimeout, Urllib3Timeout)):
+            return True
+        reason = getattr(error.args[0], "reason", None) if error.args else None  # urllib3's MaxRetryError
+        error = reason if isinstance(reason, BaseException) else error.__cause__
+    return False
 
 
 class PendingReferenceRequest:

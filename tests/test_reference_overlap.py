@@ -20,6 +20,7 @@ import torch
 from _training import Recorder, prompt_dataset
 from test_reference_vllm import G, tag_of, tagged_reward, vllm_config, vllm_env  # noqa: F401 - vllm_env: a fixture
 from transformers import AutoTokenizer
+from urllib3.exceptions import MaxRetryError, ReadTimeoutError
 
 import aapo_trl.reference_overlap as reference_overlap
 from aapo_trl.advantages import aapo_advantages, combine_reward_functions
@@ -145,7 +146,7 @@ def test_steps_per_generation_buffering_sends_one_request_per_generation_batch(t
     policy_server = vllm_env.start("POLICY", tiny.tokenizer, tiny.path)
     reference_server = vllm_env.start("REFERENCE", tiny.tokenizer, tiny.path)
     trainer = server_trainer(tiny.path, tmp_path, policy_server, reference_server, max_steps=4, per_device_train_batch_size=3,
-                             gradient_accumulation_steps=1, steps_per_generation=2, generation_batch_size=6)
+                             gradient_accumulation_steps=1, steps_per_generation=2)
     recorder = Recorder(trainer)
     trainer.train()
     # 4 optimizer steps, a generation every 2: two generation batches, two reference requests, same prompts
@@ -320,7 +321,10 @@ def test_close_cancels_requests_that_have_not_started(monkeypatch):
     [
         (requests.ReadTimeout("read timed out"), ReferenceServerTimeout),
         (TimeoutError(), ReferenceServerTimeout),
+        (requests.ConnectionError(MaxRetryError(None, "/v1/completions", ReadTimeoutError(None, "/", "timed out"))),
+         ReferenceServerTimeout),
         (requests.exceptions.RetryError("too many 500 error responses"), ReferenceServerError),
+        (requests.ConnectionError("connection refused"), ReferenceServerError),
         (Exception("Request failed: 400, bad"), ReferenceServerError),
     ],
 )
