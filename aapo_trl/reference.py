@@ -11,7 +11,8 @@ completion (token ids) per prompt row:
   is a fresh LoRA, which adds nothing), sampled with transformers ``generate``.
 * ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
   checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
-  never receives weights, except the policy's at ``ref_update_steps`` boundaries.
+  never receives weights, except the policy's at ``ref_update_steps`` boundaries. By default its request is
+  sent before the policy generates and collected for the advantages (:mod:`aapo_trl.reference_overlap`).
 * ``"vllm_colocate"``: :class:`ColocatedVLLMReference`, the policy's colocated vLLM engine: the
   reference weights (a frozen copy kept on the CPU, or the PEFT base weights with the initial adapter's
   copy merged into a copy of them, the policy's adapter left out) are loaded

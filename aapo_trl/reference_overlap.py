@@ -115,8 +115,8 @@ def _is_timeout(error: BaseException | None) -> bool:
 class PendingReferenceRequest:
     """A reference request on its way: the answer is collected, on every process, by :meth:`completions`."""
 
-    def __init__(self, requests: "BackgroundReferenceRequests", prompt_ids: list[list[int]], future: Future | None):
-        self.requests = requests
+    def __init__(self, sender: "BackgroundReferenceRequests", prompt_ids: list[list[int]], future: Future | None):
+        self.sender = sender
         self.prompt_ids = prompt_ids  # this process's rows, as sent
         self.future = future  # main process only
         self.sent_at = time.monotonic()
@@ -147,13 +147,13 @@ class PendingReferenceRequest:
 
     def _main_process_outcome(self) -> list[list[int]] | BaseException:
         """Every process's completions in gathered order, or the error to raise everywhere."""
-        requests = self.requests
-        remaining = self.sent_at + requests.timeout - time.monotonic()
+        sender = self.sender
+        remaining = self.sent_at + sender.timeout - time.monotonic()
         try:
             answer = self.future.result(timeout=max(remaining, 0.0))
         except Exception as error:  # noqa: BLE001 - every failure becomes one clear error on every process
             self.future.cancel()
-            failure = reference_server_error(requests.url, requests.timeout, error, time.monotonic() - self.sent_at)
+            failure = reference_server_error(sender.url, sender.timeout, error, time.monotonic() - self.sent_at)
             failure.__cause__ = error
             return failure
         return answer["completion_ids"]
@@ -164,7 +164,7 @@ class BackgroundReferenceRequests:
 
     One daemon thread per request, one request on the client's HTTP session at a time. A thread ends when its request
     does, which the read time-out bounds; :meth:`close` (at the end of ``train``, also on an exception) cancels what
-    has not started and drops the pending request, and a daemon thread never holds up the interpreter's exit.
+    has not started, and a daemon thread never holds up the interpreter's exit.
     """
 
     def __init__(self, generation, url: str, timeout: float):

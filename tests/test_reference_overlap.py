@@ -243,9 +243,9 @@ def test_the_main_process_sends_every_processes_unique_prompts_and_each_process_
     rows = {0: [[1, 2], [1, 2]], 1: [[7], [7]]}
     monkeypatch.setattr(reference_overlap, "gather_object", lambda local: rows[0] + rows[1])
     client = FakeClient(answer=answer_per_row)
-    requests_ = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
-    main = requests_.send(accelerator(0), rows[0], num_generations=2)
-    other = requests_.send(accelerator(1), rows[1], num_generations=2)
+    sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
+    main = sender.send(accelerator(0), rows[0], num_generations=2)
+    other = sender.send(accelerator(1), rows[1], num_generations=2)
     assert other.future is None  # only the main process talks to the server
     answer = main.completions(accelerator(0), rows[0])
     assert answer == [[1, 100], [1, 101]]
@@ -273,12 +273,12 @@ def test_a_failure_on_the_main_process_is_raised_on_every_process(monkeypatch):
 
     monkeypatch.setattr(reference_overlap, "broadcast_object_list", broadcast)
     client = FakeClient(error=requests.ConnectionError("connection refused"))
-    requests_ = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
-    pending = requests_.send(accelerator(0), [[1], [1]], num_generations=2)
+    sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
+    pending = sender.send(accelerator(0), [[1], [1]], num_generations=2)
     with pytest.raises(ReferenceServerError, match=r"http://ref:8001 failed .*ConnectionError: connection refused") as raised:
         pending.completions(accelerator(0), [[1], [1]])
     assert isinstance(raised.value.__cause__, requests.ConnectionError)
-    other = reference_overlap.PendingReferenceRequest(requests_, [[2], [2]], None)
+    other = reference_overlap.PendingReferenceRequest(sender, [[2], [2]], None)
     with pytest.raises(ReferenceServerError, match="ConnectionError: connection refused"):
         other.completions(accelerator(1), [[2], [2]])
 
@@ -287,8 +287,8 @@ def test_the_training_thread_waits_at_most_the_time_out(monkeypatch):
     monkeypatch.setattr(reference_overlap, "gather_object", lambda local: local)
     never = threading.Event()
     client = FakeClient(answer=answer_per_row, block=never)
-    requests_ = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=0.5)
-    pending = requests_.send(accelerator(0, world=1), [[1], [1]], num_generations=2)
+    sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=0.5)
+    pending = sender.send(accelerator(0, world=1), [[1], [1]], num_generations=2)
     try:
         with pytest.raises(ReferenceServerTimeout, match=r"http://ref:8001 did not answer .* reference_request_timeout=0.5 s"):
             pending.completions(accelerator(0, world=1), [[1], [1]])
@@ -297,16 +297,16 @@ def test_the_training_thread_waits_at_most_the_time_out(monkeypatch):
         never.set()
 
 
-def test_close_cancels_requests_that_have_not_started(monkeypatch):
+def test_close_cancels_senderthat_have_not_started(monkeypatch):
     monkeypatch.setattr(reference_overlap, "gather_object", lambda local: local)
     gate = threading.Event()
     client = FakeClient(answer=answer_per_row, block=gate)
-    requests_ = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
-    first = requests_.send(accelerator(0, world=1), [[1]], num_generations=1)
+    sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
+    first = sender.send(accelerator(0, world=1), [[1]], num_generations=1)
     while not first.future.running():  # on the wire
         time.sleep(0.01)
-    second = requests_.send(accelerator(0, world=1), [[2]], num_generations=1)  # queued behind the first
-    requests_.close()
+    second = sender.send(accelerator(0, world=1), [[2]], num_generations=1)  # queued behind the first
+    sender.close()
     gate.set()
     assert first.future.result(timeout=30) == {"completion_ids": [[1, 100]]}  # a request on the wire completes
     assert second.future.cancelled()

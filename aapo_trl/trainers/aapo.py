@@ -70,6 +70,8 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     a frozen deep copy of the initial policy or the PEFT policy with its initial adapter (``"model"``), a
     second vLLM server (``"vllm_server"``), the policy's colocated vLLM engine with the reference weights
     swapped in (``"vllm_colocate"``), or rewards precomputed by ``aapo-trl ref-rollouts`` (``"cache"``).
+    With ``"vllm_server"`` the reference request is sent before the policy generates and collected when the
+    advantages need it (``args.reference_request_overlap``, :mod:`aapo_trl.reference_overlap`).
     """
 
     _tag_names = ["trl", "grpo", "aapo"]
