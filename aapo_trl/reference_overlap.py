@@ -184,7 +184,8 @@ class BackgroundReferenceRequests:
         if accelerator.is_main_process:
             kwargs = server_request_kwargs(self.generation, num_generations)
             unique_prompt_ids = all_prompt_ids[::num_generations]  # TRL's rows repeat each prompt num_generations times
-            future = self._in_background(lambda: self.generation.vllm_client.generate(prompts=unique_prompt_ids, **kwargs))
+            client = self.generation.vllm_client
+            future = self._in_background(lambda: client.generate(prompts=unique_prompt_ids, **kwargs))
         return PendingReferenceRequest(self, prompt_ids, future)
 
     def _in_background(self, call) -> Future:

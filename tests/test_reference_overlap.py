@@ -145,8 +145,8 @@ def test_overlap_sends_the_reference_request_while_the_policy_generates_and_chan
 def test_steps_per_generation_buffering_sends_one_request_per_generation_batch(tmp_path, tiny, vllm_env):  # noqa: F811
     policy_server = vllm_env.start("POLICY", tiny.tokenizer, tiny.path)
     reference_server = vllm_env.start("REFERENCE", tiny.tokenizer, tiny.path)
-    trainer = server_trainer(tiny.path, tmp_path, policy_server, reference_server, max_steps=4, per_device_train_batch_size=3,
-                             gradient_accumulation_steps=1, steps_per_generation=2)
+    trainer = server_trainer(tiny.path, tmp_path, policy_server, reference_server, max_steps=4,
+                             per_device_train_batch_size=3, gradient_accumulation_steps=1, steps_per_generation=2)
     recorder = Recorder(trainer)
     trainer.train()
     # 4 optimizer steps, a generation every 2: two generation batches, two reference requests, same prompts
@@ -189,8 +189,8 @@ def test_a_reference_server_that_does_not_answer_times_out_with_a_clear_error(tm
     policy_server = vllm_env.start("POLICY", tiny.tokenizer, tiny.path)
     reference_server = vllm_env.start("REFERENCE", tiny.tokenizer, tiny.path)
     release = answer_after(reference_server, 120.0)  # far beyond the time-out: it would answer only then
-    trainer = server_trainer(tiny.path, tmp_path, policy_server, reference_server, max_steps=1, reference_request_timeout=1.5,
-                             reference_request_overlap=overlap)
+    trainer = server_trainer(tiny.path, tmp_path, policy_server, reference_server, max_steps=1,
+                             reference_request_timeout=1.5, reference_request_overlap=overlap)
     try:
         with pytest.raises(ReferenceServerTimeout) as raised:
             trainer.train()
@@ -275,7 +275,8 @@ def test_a_failure_on_the_main_process_is_raised_on_every_process(monkeypatch):
     client = FakeClient(error=requests.ConnectionError("connection refused"))
     sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=30)
     pending = sender.send(accelerator(0), [[1], [1]], num_generations=2)
-    with pytest.raises(ReferenceServerError, match=r"http://ref:8001 failed .*ConnectionError: connection refused") as raised:
+    expected = r"http://ref:8001 failed .*ConnectionError: connection refused"
+    with pytest.raises(ReferenceServerError, match=expected) as raised:
         pending.completions(accelerator(0), [[1], [1]])
     assert isinstance(raised.value.__cause__, requests.ConnectionError)
     other = reference_overlap.PendingReferenceRequest(sender, [[2], [2]], None)
@@ -290,7 +291,8 @@ def test_the_training_thread_waits_at_most_the_time_out(monkeypatch):
     sender = BackgroundReferenceRequests(fake_generation(client), "http://ref:8001", timeout=0.5)
     pending = sender.send(accelerator(0, world=1), [[1], [1]], num_generations=2)
     try:
-        with pytest.raises(ReferenceServerTimeout, match=r"http://ref:8001 did not answer .* reference_request_timeout=0.5 s"):
+        expected = r"http://ref:8001 did not answer .* reference_request_timeout=0.5 s"
+        with pytest.raises(ReferenceServerTimeout, match=expected):
             pending.completions(accelerator(0, world=1), [[1], [1]])
         assert pending.future.running()  # raised while the request was still on the wire
     finally:
