@@ -407,6 +407,16 @@ class AAPOConfig(
             Port of the NCCL group that pushes the policy into the reference server (`ref_update_steps` only).
         reference_vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
             Seconds to wait for the reference server to come up.
+        reference_request_overlap (`bool`, *optional*, defaults to `True`):
+            With `reference_source="vllm_server"`: send the reference request as soon as the step's prompts are
+            tokenized, before the policy generates, from a background thread, and collect it when the advantages
+            need it, so the reference costs `max(0, reference time - policy generation and scoring time)`. Same
+            request (prompts, sampling settings), same results. `False`: the sequential path, the request is sent
+            after the policy's completions are scored. Read by no other source.
+        reference_request_timeout (`float`, *optional*, defaults to `1800.0`):
+            With `reference_source="vllm_server"`: seconds the reference server has to answer one reference
+            request (from when it is sent; also the read time-out of every HTTP call to it, which is not retried).
+            Past it, training stops with an error naming the server, on every process, instead of hanging.
         ref_rollouts_path (`str`, *optional*):
             Output folder of `aapo-trl ref-rollouts`. With `reference_source="cache"`, its `ref_rewards` column is
             attached to the training (and evaluation) rows with the same prompt. Not needed when the training
@@ -512,6 +522,23 @@ class AAPOConfig(
     reference_vllm_server_timeout: float = field(
         default=240.0, metadata={"help": "Seconds to wait for the reference vLLM server to be up."}
     )
+    reference_request_overlap: bool = field(
+        default=True,
+        metadata={
+            "help": "reference_source='vllm_server': send the reference request as soon as the step's prompts are "
+            "tokenized (before the policy generates), from a background thread, and collect it when the advantages "
+            "need it; the reference then costs max(0, reference time - policy generation and scoring time). Same "
+            "request and results. False: send it after the policy is scored (sequential)."
+        },
+    )
+    reference_request_timeout: float = field(
+        default=1800.0,
+        metadata={
+            "help": "reference_source='vllm_server': seconds the reference server has to answer a reference request "
+            "(from when it is sent; also the read time-out of each HTTP call to it, not retried). Past it, training "
+            "stops with an error naming the server instead of hanging."
+        },
+    )
     ref_rollouts_path: str | None = field(
         default=None,
         metadata={
@@ -585,6 +612,13 @@ class AAPOConfig(
                 f"call, so it needs reference_source='model' and use_vllm=False (got reference_source={source!r}, "
                 f"use_vllm={self.use_vllm}). Use reference_generation='auto' or 'separate'."
             )
+        if not isinstance(self.reference_request_overlap, bool):
+            raise ValueError(
+                f"reference_request_overlap must be True or False, got {self.reference_request_overlap!r}"
+            )
+        timeout = self.reference_request_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+            raise ValueError(f"reference_request_timeout must be a positive number of seconds, got {timeout!r}")
         if source == "cache" and self.ref_update_steps is not None:
             raise ValueError(
                 "ref_update_steps cannot be used with reference_source='cache': the cache holds rewards of the initial "

@@ -11,7 +11,8 @@ completion (token ids) per prompt row:
   is a fresh LoRA, which adds nothing), sampled with transformers ``generate``.
 * ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
   checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
-  never receives weights, except the policy's at ``ref_update_steps`` boundaries.
+  never receives weights, except the policy's at ``ref_update_steps`` boundaries. By default its request is
+  sent before the policy generates and collected for the advantages (:mod:`aapo_trl.reference_overlap`).
 * ``"vllm_colocate"``: :class:`ColocatedVLLMReference`, the policy's colocated vLLM engine: the
   reference weights (a frozen copy kept on the CPU, or the PEFT base weights with the initial adapter's
   copy merged into a copy of them, the policy's adapter left out) are loaded
@@ -45,6 +46,13 @@ from transformers import GenerationConfig, PreTrainedModel
 from trl.distributed import DistributedBackend
 from trl.models import prepare_deepspeed, prepare_fsdp, unwrap_model_for_generation
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, use_adapter
+
+from .reference_overlap import (
+    BackgroundReferenceRequests,
+    PendingReferenceRequest,
+    bound_request_time,
+    reference_server_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -639,6 +647,11 @@ class VLLMServerReference:
             generation_kwargs=args.generation_kwargs,
         )
         self.weight_updates = 0
+        self.request_timeout = args.reference_request_timeout
+        client = getattr(self.generation, "vllm_client", None)  # main process only
+        if client is not None:
+            bound_request_time(client.session, self.request_timeout)
+        self.background_requests = BackgroundReferenceRequests(self.generation, self.base_url, self.request_timeout)
         self._check_served_model(trainer)
         policy = trainer.model
         if is_peft_model(policy) and not adapter_is_identity(policy, policy.active_adapter):
@@ -659,15 +672,34 @@ class VLLMServerReference:
             )
 
     def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
-        _, completion_ids, _, _ = self.generation.generate(
-            prompts=prompt_ids, images=None, num_generations=num_generations
-        )
+        """The sequential path (``reference_request_overlap=False``): TRL's ``VLLMGeneration.generate``, now."""
+        try:
+            _, completion_ids, _, _ = self.generation.generate(
+                prompts=prompt_ids, images=None, num_generations=num_generations
+            )
+        except Exception as error:
+            raise reference_server_error(self.base_url, self.request_timeout, error) from error
         return [list(ids) for ids in completion_ids]
 
+    def send_request(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> PendingReferenceRequest:
+        """The overlapped path (``reference_request_overlap``): the same request as :meth:`sample`, sent now from a
+        background thread and collected later with ``.completions(accelerator, prompt_ids)``. Collective."""
+        return self.background_requests.send(trainer.accelerator, prompt_ids, num_generations)
+
+    def close(self) -> None:
+        """Cancel the reference requests not yet sent (end of training, or an exception)."""
+        self.background_requests.close()
+
     def load_policy_weights(self, trainer) -> None:
-        """``ref_update_steps``: push the current policy weights into the reference server."""
+        """``ref_update_steps``: push the current policy weights into the reference server.
+
+        Runs on the training thread between steps (``on_step_end``), after the step's reference request was
+        collected and before the next one is sent, so the next request sees the new weights; a request still on the
+        wire (none in normal operation) is waited for first.
+        """
         if is_peft_model(trainer.accelerator.unwrap_model(trainer.model)):
             PeftBaseReference().load_policy_weights(trainer)  # raises the explanatory error
+        self.background_requests.wait_idle()
         self.generation.model = trainer.model
         self.generation.sync_weights()
         self.weight_updates += 1

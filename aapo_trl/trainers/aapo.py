@@ -73,6 +73,8 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     a frozen deep copy of the initial policy or the PEFT policy with its initial adapter (``"model"``), a
     second vLLM server (``"vllm_server"``), the policy's colocated vLLM engine with the reference weights
     swapped in (``"vllm_colocate"``), or rewards precomputed by ``aapo-trl ref-rollouts`` (``"cache"``).
+    With ``"vllm_server"`` the reference request is sent before the policy generates and collected when the
+    advantages need it (``args.reference_request_overlap``, :mod:`aapo_trl.reference_overlap`).
     """
 
     _tag_names = ["trl", "grpo", "aapo"]
@@ -133,6 +135,40 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                 self.reference.load_policy_weights(self)  # pragma: no cover - caught above
             self.add_callback(ReferenceUpdateCallback(self, args.ref_update_steps))
         self._last_reference: dict | None = None
+        self._pending_reference_request = None  # reference_request_overlap: sent before the policy generates
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # no reference request outlives training, also on an exception
+            self._pending_reference_request = None
+            if hasattr(self.reference, "close"):
+                self.reference.close()
+
+    # ---- the reference server's request, overlapped with the policy's generation (reference_request_overlap) -----
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL tokenizes the step's prompts right before the policy generates: the earliest the request can go."""
+        tokenized = super()._tokenize_prompts(prompts)
+        self._send_reference_request(tokenized[0])
+        return tokenized
+
+    def _send_reference_request(self, prompt_ids: list[list[int]]) -> None:
+        """Ask the reference server now for the completions :meth:`_reference_rewards` will need.
+
+        Only generation batches that need a reference get a request (TRL generates once per ``steps_per_generation
+        * num_iterations`` steps; evaluation only with ``eval_reference_rollouts``); every process sends its own
+        rows (gathered, as in the sequential path). A generation without tokenization (``rollout_func``) sends
+        nothing and falls back to the sequential path.
+        """
+        self._pending_reference_request = None
+        if not (self.args.reference_request_overlap and hasattr(self.reference, "send_request")):
+            return
+        training = self.model.training
+        if not training and not self.args.eval_reference_rollouts:
+            return
+        num_generations = self.num_generations if training else self.num_generations_eval
+        self._pending_reference_request = self.reference.send_request(self, prompt_ids, num_generations)
 
     # ---- the reference in checkpoints (ref_update_steps: the reference is no longer the initial policy) ----------
 
@@ -220,10 +256,13 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         return completion_ids[:rows], None if logprobs is None else logprobs[:rows]
 
     def _sample_reference(self, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
-        """The reference completions of these prompt rows: from the batched generate call, or sampled now."""
+        """The reference completions of these prompt rows: the overlapped server request's answer, the rows of the
+        batched generate call, or sampled now."""
+        request, self._pending_reference_request = self._pending_reference_request, None
+        if request is not None:
+            return request.completions(self.accelerator, prompt_ids)
         if self.reference_generation != "batched":
-            with profiling_context(self, "reference_generate"):
-                return self.reference.sample(self, prompt_ids, num_generations)
+            return self.reference.sample(self, prompt_ids, num_generations)
         batched, self._batched_reference = self._batched_reference, None
         if batched is None or batched["prompt_ids"] != prompt_ids:  # pragma: no cover - guards a TRL seam change
             raise RuntimeError(
@@ -260,7 +299,8 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         if self.reference.kind == "cache":
             return self._cached_reference_rewards(scored, num_generations, mode)
         prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(output["prompt_ids"], output["prompt_mask"])]
-        ref_ids = self._sample_reference(prompt_ids, num_generations)
+        with profiling_context(self, "reference_generate"):
+            ref_ids = self._sample_reference(prompt_ids, num_generations)
         if len(ref_ids) != len(prompt_ids):  # pragma: no cover - a sampler bug
             raise RuntimeError(f"the reference returned {len(ref_ids)} completions for {len(prompt_ids)} rows")
         texts = self.processing_class.batch_decode(ref_ids, skip_special_tokens=True)
