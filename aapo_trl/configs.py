@@ -23,6 +23,9 @@ CE_LOSS_TYPES = ("aapo", "gpg")
 
 CE_OFF_POLICY_CORRECTIONS = ("importance_weight", "none", "error")
 
+ZAPO_STATISTICS_SOURCES = ("generation", "forward")
+"""Where ZAPO's DAER statistics come from: passes the step already runs, or ZAPO's own extra forward."""
+
 
 def trains_on_stale_samples(config: GRPOConfig) -> bool:
     """True when an optimizer step can use completions sampled before an earlier step of the same rollout.
@@ -715,6 +718,16 @@ class ZAPOConfig(
         kmeans_identical_distance (`float`, `0.02`): the K selection rule of the semantic entropy.
         entropy_forward_batch_size (`int`, *optional*): micro-batch of the extra no-grad forward pass (default: the
             per-device train batch size).
+        zapo_statistics_source (`str`, defaults to `"generation"`): where DAER's per-response statistics under
+            pi_old (mean log-prob, mean token entropy, mean-pooled final hidden state) come from. `"generation"`:
+            from passes the step runs anyway -- TRL's no-grad old-log-prob forward when it runs
+            (`num_iterations > 1`, `steps_per_generation` beyond the gradient accumulation, vLLM's
+            importance-sampling correction), else hooks on transformers' `generate` while the policy samples;
+            the one difference from the forward pass is that the embedding of a response whose last token was
+            sampled at the last decoding step (the longest and the truncated ones) leaves that token out, its
+            hidden state never being computed. Rows it cannot collect (vLLM without the correction, continuous
+            batching, tools, a custom `rollout_func`, DeepSpeed ZeRO-3's synchronised generation, ...) fall back
+            to the forward. `"forward"`: always ZAPO's own extra no-grad forward (the reference implementation).
     """
 
     loss_type: str = field(
@@ -763,6 +776,15 @@ class ZAPOConfig(
         default=None,
         metadata={"help": "Micro-batch of the extra no-grad forward pass (default: per_device_train_batch_size)."},
     )
+    zapo_statistics_source: str = field(
+        default="generation",
+        metadata={"help": "DAER's statistics under pi_old: 'generation' = from passes the step already runs (TRL's "
+                  "old-log-prob forward when it runs, else hooks on transformers' generate; the embedding of a "
+                  "response whose last token was sampled at the last step leaves that token out), falling back "
+                  "to the extra forward for rows it cannot collect (vLLM, tools, ...); 'forward' = always ZAPO's "
+                  "own extra no-grad forward pass (the reference implementation).",
+                  "choices": list(ZAPO_STATISTICS_SOURCES)},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -779,4 +801,5 @@ class ZAPOConfig(
         )
         if self.kmeans_max_clusters < 1:
             raise ValueError(f"kmeans_max_clusters must be >= 1, got {self.kmeans_max_clusters}")
+        require_choice(self, "zapo_statistics_source", ZAPO_STATISTICS_SOURCES)
         _check_correctness_threshold(self, "correct_threshold")

@@ -86,6 +86,68 @@ def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return means.masked_fill(counts == 0, float("nan"))
 
 
+def temperature_scaled_token_statistics(logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropy of one decoding step's next-token distribution ``softmax(logits / temperature)``.
+
+    ``logits`` is ``(B, V)`` (the model's raw output for the last position, any float dtype). This is the
+    distribution TRL's training path scores (its fused LM head divides by the temperature and applies no
+    top-k / top-p / min-p / repetition penalty), so the log-prob of the sampled token and the entropy are
+    the ``pi_old`` quantities ZAPO reads (spec 3.2 step 3, paper Eq. 7), computed in float32. Returns
+    ``(log_probs (B, V), entropy (B,))``; vocabulary entries of probability 0 add nothing to the entropy.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"expected (B, V) logits, got shape {tuple(logits.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_probs = F.log_softmax(logits.float() / temperature, dim=-1)
+    probs = log_probs.exp()
+    entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros((), device=logits.device)).sum(dim=-1)
+    return log_probs, entropy
+
+
+def generation_sequence_statistics(
+    token_logps: torch.Tensor, token_entropies: torch.Tensor, fed_hidden_states: torch.Tensor, lengths: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ZAPO's per-response statistics from what a sampling loop computed, step by step (no extra forward).
+
+    ``token_logps`` and ``token_entropies`` are ``(B, n)``: step ``k``'s log-prob of the token it sampled and
+    its entropy (``temperature_scaled_token_statistics``). ``fed_hidden_states`` is ``(B, m, D)`` with
+    ``m <= n``: the final-layer hidden state of completion token ``k`` for ``k < m``, known only once the token
+    was fed back to the model at step ``k + 1`` -- the token sampled at the last step never is. ``lengths``
+    ``(B,)`` is each response's token count (up to and including its first EOS).
+
+    Returns ``(seq_logps, token_entropy, embeddings, pooled_counts)``: the length-normalised log-likelihood and
+    the token entropy over the ``lengths`` tokens (``sequence_mean``, NaN for an empty response), the
+    embedding pooled over the response tokens whose hidden state is known (``mean_pool_completion_states``;
+    NaN where none is) and how many tokens it pooled. A response whose last token was sampled at the last
+    step (the longest ones, and the truncated ones) pools one token fewer than the forward-pass reference.
+    """
+    if token_logps.dim() != 2 or token_entropies.shape != token_logps.shape:
+        raise ValueError(
+            "expected token_logps and token_entropies of the same (B, n) shape, "
+            f"got {tuple(token_logps.shape)} and {tuple(token_entropies.shape)}"
+        )
+    batch, steps = token_logps.shape
+    if fed_hidden_states.dim() != 3 or fed_hidden_states.size(0) != batch or fed_hidden_states.size(1) > steps:
+        raise ValueError(
+            f"expected fed_hidden_states (B={batch}, m<={steps}, D), got {tuple(fed_hidden_states.shape)}"
+        )
+    if lengths.shape != (batch,) or bool((lengths < 0).any()) or bool((lengths > steps).any()):
+        raise ValueError(f"expected lengths (B={batch},) in [0, {steps}], got {lengths.tolist()}")
+    positions = torch.arange(steps, device=token_logps.device)
+    mask = positions.unsqueeze(0) < lengths.to(token_logps.device).unsqueeze(1)
+    fed_mask = mask[:, : fed_hidden_states.size(1)]
+    seq_logps = sequence_mean(token_logps, mask)
+    token_entropy = sequence_mean(token_entropies, mask)
+    if fed_hidden_states.size(1) == 0:
+        embeddings = torch.full(
+            (batch, fed_hidden_states.size(2)), float("nan"), dtype=torch.float32, device=token_logps.device
+        )
+    else:
+        embeddings = mean_pool_completion_states(fed_hidden_states, fed_mask)
+    return seq_logps, token_entropy, embeddings, fed_mask.sum(dim=1)
+
+
 def kmeans_seed(step: int, group: int, base_seed: int = 0) -> int:
     """Deterministic K-Means seed from ``(step, group)`` (spec 3.2 step 2), in numpy's ``[0, 2**32)``.
 
