@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,29 @@ def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, con
     command += [str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides or {})]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
+    return rank_results(out_dir)
+
+
+def rank_results(out_dir: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
+
+
+# One port per algorithm, apart from every other launch in the suite: under xdist this run may overlap any of them.
+SINGLE_PROCESS_PORTS = {"aapo": 29561, "zapo": 29571}
+
+
+def shared_single_process_run(algorithm: str, model_path, shared_dir: Path) -> list[dict]:
+    """``launch(algorithm, 1, ...)`` under cpu_2proc.yaml, run once per test session and read by every test that
+    compares against it (tests/test_multiprocess.py and tests/test_deepspeed.py). ``shared_dir`` is seen by all
+    xdist workers: the first to ask runs it while holding the lock, the others wait and read its results."""
+    from filelock import FileLock
+
+    out_dir = shared_dir / f"single-process-{algorithm}"
+    with FileLock(f"{out_dir}.lock"):
+        if not (out_dir / "rank0.json").exists():
+            shutil.rmtree(out_dir, ignore_errors=True)  # what a failed earlier attempt left
+            return launch(algorithm, 1, model_path, out_dir, port=SINGLE_PROCESS_PORTS[algorithm])
+        return rank_results(out_dir)
 
 
 def assert_same_as_single_process(single, double):

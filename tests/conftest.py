@@ -1,14 +1,25 @@
 """Shared fixtures. Everything runs offline; the model folders live in a cache that persists across
 test runs ($AAPO_TRL_CACHE, else ~/.cache/aapo_trl), so the conversion is paid once per machine."""
 
+import gc
 import os
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread per test process: the models here are tiny, so a second thread only adds synchronisation, and
+# `make test` runs two xdist workers on two cores (set OMP_NUM_THREADS yourself to override).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+
+
+def pytest_collection_finish(session):
+    """Move everything imported so far (torch, transformers, TRL: ~0.5 M objects) out of the garbage collector's
+    reach. Every ``Trainer.train()`` ends with accelerate's ``free_memory()``, a full ``gc.collect()`` that walked
+    them all: seconds per training run on a loaded 2-core machine, for objects that live as long as the process."""
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +36,18 @@ def embedded_model_path():
     from aapo_trl.models import default_cache_dir, ensure_embedded_model
 
     return ensure_embedded_model(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def single_process_run(tiny_model_path, tmp_path_factory):
+    """``single_process_run("aapo")``: the one-process AAPO (or ZAPO) launch that the two-process and DeepSpeed runs
+    must reproduce, launched once per session (see tests/_launch.py)."""
+    from _launch import shared_single_process_run
+
+    shared_dir = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared_dir = shared_dir.parent  # this session's folder, above each worker's own
+    return lambda algorithm: shared_single_process_run(algorithm, tiny_model_path, shared_dir)
 
 
 @pytest.fixture

@@ -27,7 +27,21 @@ GLOBAL_BATCH = 6
 NUM_GENERATIONS = 2  # with 3 rows per process, the second group spans both processes
 
 
+def skip_deepspeed_shared_memory_kernel() -> None:
+    """Under DeepSpeed, keep its CPU backend from JIT-compiling its shared-memory all-reduce kernel.
+
+    Building it is minutes of C++ on 2 cores, and it is built again whenever the venv's path changes (every fresh
+    clone, so every CI run). Only ``inference_all_reduce`` (tensor-parallel inference) uses it; without it that
+    call falls back to the process group's all_reduce, and ZeRO training, which never calls it, is unchanged.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        import deepspeed.comm.torch
+
+        deepspeed.comm.torch.build_shm_op = lambda: None
+
+
 def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
+    skip_deepspeed_shared_memory_kernel()
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by accelerate launch
     config_class, trainer_class = TRAINERS[algorithm]
     settings = dict(CPU_ARGS, output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,

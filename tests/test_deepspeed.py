@@ -38,8 +38,8 @@ def test_deepspeed_is_installed():
 
 
 @pytest.fixture(scope="module")
-def plain_aapo(tiny_model_path, tmp_path_factory):
-    return launch("aapo", 1, tiny_model_path, tmp_path_factory.mktemp("plain") / "run", port=29561)
+def plain_aapo(single_process_run):
+    return single_process_run("aapo")
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -56,8 +56,8 @@ def test_aapo_under_zero_matches_the_plain_run(stage, plain_aapo, tiny_model_pat
     assert margins.abs().sum() > 0, "policy and reference must differ, or the reference could be the policy"
 
 
-def test_zapo_under_zero3_matches_the_plain_run(tiny_model_path, tmp_path):
-    plain = launch("zapo", 1, tiny_model_path, tmp_path / "plain", port=29571)
+def test_zapo_under_zero3_matches_the_plain_run(tiny_model_path, tmp_path, single_process_run):
+    plain = single_process_run("zapo")
     runs = launch("zapo", 2, tiny_model_path, tmp_path / "zero3", config="zero3", port=29572)
     assert [rank["deepspeed_zero_stage"] for rank in runs] == [3, 3]
     assert_same_as_single_process(plain, runs)

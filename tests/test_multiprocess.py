@@ -10,8 +10,8 @@ from aapo_trl.advantages import aapo_advantages, combine_reward_functions
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
-def test_aapo_group_spanning_two_processes(tiny_model_path, tmp_path):
-    single = launch("aapo", 1, tiny_model_path, tmp_path / "one")
+def test_aapo_group_spanning_two_processes(tiny_model_path, tmp_path, single_process_run):
+    single = single_process_run("aapo")
     double = launch("aapo", 2, tiny_model_path, tmp_path / "two")
     assert_same_as_single_process(single, double)
     weights = torch.ones(1)
@@ -22,8 +22,8 @@ def test_aapo_group_spanning_two_processes(tiny_model_path, tmp_path):
     assert single[0]["local_advantages"] == pytest.approx(expected.tolist())
 
 
-def test_zapo_group_spanning_two_processes(tiny_model_path, tmp_path):
-    single = launch("zapo", 1, tiny_model_path, tmp_path / "one")
+def test_zapo_group_spanning_two_processes(tiny_model_path, tmp_path, single_process_run):
+    single = single_process_run("zapo")
     double = launch("zapo", 2, tiny_model_path, tmp_path / "two")
     assert_same_as_single_process(single, double)
     # greedy decoding makes every group zero-variance: every advantage is DAER's, computed from statistics
