@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import torch
+from _launch import launch
 from _training import Recorder, prompt_dataset
 from test_reference_vllm import G, tag_of, tagged_reward, vllm_config, vllm_env  # noqa: F401 - vllm_env: a fixture
 from transformers import AutoTokenizer
@@ -156,6 +157,36 @@ def test_steps_per_generation_buffering_sends_one_request_per_generation_batch(t
     assert len(policy_requests) == len(reference_requests) == 2
     for policy_request, reference_request in zip(policy_requests, reference_requests):
         assert reference_request["prompt"] == policy_request["prompt"] and reference_request["n"] == G
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_send_one_request_and_each_gets_its_own_rows(tmp_path, tiny, vllm_env):  # noqa: F811
+    """``accelerate launch`` with 2 CPU processes (tests/multiprocess_run.py; the policy generates with transformers):
+    the collectives of the overlapped request (gather when sent, broadcast when collected) interleave with TRL's
+    without a deadlock, the main process sends one request for every process's prompts, each process gets its own
+    rows of the answer, and the results are the sequential path's (itself checked against a single process by
+    tests/test_multiprocess.py)."""
+    runs = {}
+    for overlap in (True, False):
+        server = vllm_env.start("REFERENCE", tiny.tokenizer, tiny.path)  # a fresh one: the same answers each run
+        overrides = dict(reference_source="vllm_server", reference_vllm_server_base_url=server.url,
+                         reference_request_overlap=overlap)
+        ranks = launch("aapo", 2, tiny.path, tmp_path / str(overlap), overrides=overrides)
+        runs[overlap] = SimpleNamespace(ranks=ranks, requests=server.payloads("/v1/completions"))
+    overlapped, sequential = runs[True], runs[False]
+    assert [rank["world_size"] for rank in overlapped.ranks] == [2, 2]
+    assert overlapped.requests == sequential.requests  # one request: the 3 unique prompts of both processes, n = 2
+    assert len(overlapped.requests) == 1 and len(overlapped.requests[0]["prompt"]) == 3
+    assert overlapped.requests[0]["n"] == 2
+    # the fake answers "REFERENCE k" with k = 2c mod 3 for its c-th row: rows 0-2 went to rank 0, rows 3-5 to rank 1
+    stitched = overlapped.ranks[0]["ref_completion_ids"] + overlapped.ranks[1]["ref_completion_ids"]
+    texts = [tiny.tokenizer.decode(ids, skip_special_tokens=True) for ids in stitched]
+    assert texts == [f"REFERENCE {2 * row % 3}" for row in range(6)]
+    for rank, sequential_rank in zip(overlapped.ranks, sequential.ranks, strict=True):
+        assert rank["ref_completion_ids"] == sequential_rank["ref_completion_ids"]
+        assert rank["ref_rewards_per_func"] == sequential_rank["ref_rewards_per_func"]
+        assert rank["local_advantages"] == sequential_rank["local_advantages"]
 
 
 # ------------------------------------------------------------------------------------------------------------
