@@ -48,6 +48,11 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
                     num_generations=NUM_GENERATIONS, max_completion_length=5, max_steps=1, learning_rate=0.0,
                     generation_kwargs={"do_sample": False})
     config = config_class(**{**settings, **json.loads(overrides)})
+    if getattr(config, "reference_source", None) == "vllm_server":  # a fake reference server of the test (HTTP only)
+        import trl.generation.vllm_client as vllm_client
+        import trl.generation.vllm_generation as vllm_generation
+
+        vllm_client.is_vllm_available = vllm_generation.is_vllm_available = lambda *args, **kwargs: True
     trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(3))
     with writable_gathered(trainer, trainer.model.parameters()) as writes:  # ZeRO-3: perturb the full weights
         if writes:
@@ -60,6 +65,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         "rank": trainer.accelerator.process_index,
         "rewards_per_func": batch["rewards_per_func"].tolist(),
         "ref_rewards_per_func": batch["ref_rewards_per_func"].tolist() if "ref_rewards_per_func" in batch else None,
+        "ref_completion_ids": batch.get("ref_completion_ids"),
         "entropy_inputs": {k: v.tolist() for k, v in getattr(trainer, "_last_entropy_inputs", {}).items()},
         "local_advantages": batch["advantages"].tolist(),
         "logged": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("zero_adv", "aapo", "zapo"))},

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 import torch
+from _launch import launch
 from _training import Recorder, prompt_dataset
 from test_reference_vllm import G, tag_of, tagged_reward, vllm_config, vllm_env  # noqa: F401 - vllm_env: a fixture
 from transformers import AutoTokenizer
@@ -156,6 +157,31 @@ def test_steps_per_generation_buffering_sends_one_request_per_generation_batch(t
     assert len(policy_requests) == len(reference_requests) == 2
     for policy_request, reference_request in zip(policy_requests, reference_requests):
         assert reference_request["prompt"] == policy_request["prompt"] and reference_request["n"] == G
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_send_one_request_and_each_gets_its_own_rows(tmp_path, tiny, vllm_env):  # noqa: F811
+    """``accelerate launch`` with 2 CPU processes (tests/multiprocess_run.py; the policy generates with transformers,
+    G = 2, 3 rows per process: the second group spans both): the collectives of the overlapped request (gather when
+    sent, broadcast when collected) interleave with TRL's without a deadlock, the main process sends one request for
+    every process's prompts, and each process gets its own rows of the answer. (That the sequential path gives the
+    same results is checked in one process above; one launch only, to keep the suite short.)"""
+    server = vllm_env.start("REFERENCE", tiny.tokenizer, tiny.path)
+    overrides = dict(reference_source="vllm_server", reference_vllm_server_base_url=server.url)
+    ranks = launch("aapo", 2, tiny.path, tmp_path / "two", overrides=overrides)
+    assert [rank["world_size"] for rank in ranks] == [2, 2]
+    (request,) = server.payloads("/v1/completions")  # one request: the 3 unique prompts of both processes, n = 2
+    assert len(request["prompt"]) == 3 and request["n"] == 2
+    # the fake answers "REFERENCE k" with k = 2c mod 3 for its c-th row: rows 0-2 went to rank 0, rows 3-5 to rank 1
+    stitched = ranks[0]["ref_completion_ids"] + ranks[1]["ref_completion_ids"]
+    texts = [tiny.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in stitched]
+    assert texts == [f"REFERENCE {2 * row % 3}" for row in range(6)]
+    rewards = combine_reward_functions(torch.tensor(ranks[0]["rewards_per_func"]), torch.ones(1))
+    ref_rewards = combine_reward_functions(torch.tensor(ranks[0]["ref_rewards_per_func"]), torch.ones(1))
+    assert ranks[1]["ref_rewards_per_func"] == ranks[0]["ref_rewards_per_func"]  # gathered: the same on both
+    expected = aapo_advantages(rewards, ref_rewards, num_generations=2)
+    assert ranks[0]["local_advantages"] + ranks[1]["local_advantages"] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------
