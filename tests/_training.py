@@ -48,6 +48,24 @@ def perturb_(model: torch.nn.Module, scale: float = 0.5, seed: int = 1234) -> No
             parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
+def aapo_test_config(tmp_path, **overrides):
+    """A one-step AAPO config on the CPU: 6 rows of 3 generations, 6 new tokens."""
+    from aapo_trl.configs import AAPOConfig
+
+    values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,
+                  max_completion_length=6, max_steps=1)
+    values.update(overrides)
+    return AAPOConfig(**values)
+
+
+def make_aapo_trainer(model, tmp_path, peft_config=None, **overrides):
+    """An AAPOTrainer on :func:`prompt_dataset` with :func:`hashed_reward` and :func:`aapo_test_config`."""
+    from aapo_trl.trainers import AAPOTrainer
+
+    return AAPOTrainer(model, reward_funcs=[hashed_reward], args=aapo_test_config(tmp_path, **overrides),
+                       train_dataset=prompt_dataset(), peft_config=peft_config)
+
+
 def perturb_adapter_(model, name: str = "default", seed: int = 0) -> None:
     """Move every tensor of one adapter (LoRA A and B alike): a trained adapter, or the policy's adapter training."""
     generator = torch.Generator().manual_seed(seed)

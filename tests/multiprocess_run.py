@@ -1,5 +1,6 @@
 """One AAPO or ZAPO step, run by tests/test_multiprocess.py under 1 and under 2 accelerate processes (and by
-tests/test_deepspeed.py under DeepSpeed ZeRO-2/3). An optional 4th argument is a JSON dict of config overrides.
+tests/test_deepspeed.py under DeepSpeed ZeRO-2/3). An optional 4th argument is a JSON dict of config overrides;
+its "lora" entry, if any, is not a config field but the LoraConfig arguments of a PEFT policy.
 
 Greedy decoding and a policy perturbed with a fixed seed make every completion a function of its
 prompt alone, so both runs see the same global batch and must produce the same advantages. Each rank
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -47,13 +49,17 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
     settings = dict(CPU_ARGS, output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world,
                     num_generations=NUM_GENERATIONS, max_completion_length=5, max_steps=1, learning_rate=0.0,
                     generation_kwargs={"do_sample": False})
-    config = config_class(**{**settings, **json.loads(overrides)})
+    overrides = json.loads(overrides)
+    lora = overrides.pop("lora", None)
+    config = config_class(**{**settings, **overrides})
     if getattr(config, "reference_source", None) == "vllm_server":  # a fake reference server of the test (HTTP only)
         import trl.generation.vllm_client as vllm_client
         import trl.generation.vllm_generation as vllm_generation
 
         vllm_client.is_vllm_available = vllm_generation.is_vllm_available = lambda *args, **kwargs: True
-    trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(3))
+    peft = {} if lora is None else {"peft_config": LoraConfig(**lora)}
+    trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(3),
+                            **peft)
     with writable_gathered(trainer, trainer.model.parameters()) as writes:  # ZeRO-3: perturb the full weights
         if writes:
             perturb_(trainer.model)
@@ -72,6 +78,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
         if trainer.is_deepspeed_enabled else None,
         "reference_class": type(getattr(trainer, "reference", None)).__name__,
+        "reference_generation": getattr(trainer, "reference_generation", None),
         "reference_model_class": type(getattr(getattr(trainer, "reference", None), "model", None)).__name__,
         # gathered from ZeRO-3 shards on every rank (a collective): what the reference holds after training
         "reference_weight_sums": {name: tensor.double().sum().item()

@@ -18,43 +18,30 @@ import math
 
 import pytest
 import torch
+from _launch import assert_same_as_single_process, launch
 from _training import (
-    CPU_ARGS,
-    hashed_reward,
+    aapo_test_config,
     lora,
+    make_aapo_trainer,
     peft_policy_with_a_trained_adapter,
     perturb_adapter_,
     prompt_dataset,
 )
 from transformers import AutoModelForCausalLM
 
-from aapo_trl.configs import AAPOConfig
 from aapo_trl.reference import mixed_batch_unsupported
-from aapo_trl.trainers import AAPOTrainer
 
-NUM_GENERATIONS = 3
-
-
-def aapo_config(tmp_path, **overrides):
-    values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=NUM_GENERATIONS,
-                  max_completion_length=6, max_steps=1)
-    values.update(overrides)
-    return AAPOConfig(**values)
-
-
-def make_trainer(model, tmp_path, peft_config=None, **overrides):
-    return AAPOTrainer(model, reward_funcs=[hashed_reward], args=aapo_config(tmp_path, **overrides),
-                       train_dataset=prompt_dataset(), peft_config=peft_config)
+NUM_GENERATIONS = 3  # aapo_test_config's
 
 
 def reference_kind_trainer(kind, tiny_model_path, tmp_path, **overrides):
     """An AAPO-LoRA trainer whose policy has trained away from its reference (adapters off, or the "ref" copy)."""
     if kind == "adapters_off":  # a fresh LoRA: the reference is the base
-        trainer = make_trainer(str(tiny_model_path), tmp_path, peft_config=lora(), **overrides)
+        trainer = make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora(), **overrides)
         assert "ref" not in trainer.model.peft_config
     else:  # an SFT-like adapter (with an lm_head copy in modules_to_save): the reference is its frozen "ref" copy
         policy = peft_policy_with_a_trained_adapter(tiny_model_path, lora(modules_to_save=["lm_head"]))
-        trainer = make_trainer(policy, tmp_path, **overrides)
+        trainer = make_aapo_trainer(policy, tmp_path, **overrides)
         assert "ref" in trainer.model.peft_config
     perturb_adapter_(trainer.model, seed=7)  # the policy's adapter has trained since step 0
     trainer.model.train()  # TRL generates in training mode
@@ -162,6 +149,23 @@ def test_an_aapo_step_runs_one_generate_call(tiny_model_path, tmp_path, monkeypa
         assert entry["aapo/ref_completion_mean_length"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_batched_reference_under_two_processes_matches_one_and_the_separate_path(tiny_model_path, tmp_path):
+    """Each process appends the reference rows of its own prompts; the gathered batch is the single process's."""
+    fresh_lora = {"r": 4, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    batched = {"lora": fresh_lora, "reference_generation": "batched"}
+    single = launch("aapo", 1, tiny_model_path, tmp_path / "one", overrides=batched)
+    double = launch("aapo", 2, tiny_model_path, tmp_path / "two", overrides=batched)
+    separate = launch("aapo", 1, tiny_model_path, tmp_path / "separate",
+                      overrides={"lora": fresh_lora, "reference_generation": "separate"})
+    assert [rank["reference_generation"] for rank in single + double] == ["batched"] * 3
+    assert_same_as_single_process(single, double)
+    # greedy decoding: the reference rows of the batched call are what the separate call generates
+    assert single[0]["ref_rewards_per_func"] == separate[0]["ref_rewards_per_func"]
+    assert single[0]["rewards_per_func"] == separate[0]["rewards_per_func"]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # where "batched" applies
 # ------------------------------------------------------------------------------------------------------------
@@ -169,23 +173,23 @@ def test_an_aapo_step_runs_one_generate_call(tiny_model_path, tmp_path, monkeypa
 
 def test_config_refuses_an_explicit_batched_reference_that_cannot_apply(tmp_path):
     with pytest.raises(ValueError, match="reference_generation must be one of"):
-        aapo_config(tmp_path, reference_generation="sometimes")
+        aapo_test_config(tmp_path, reference_generation="sometimes")
     with pytest.raises(ValueError, match="reference_generation='batched'.*reference_source='model'"):
-        aapo_config(tmp_path, reference_generation="batched", reference_source="cache")
+        aapo_test_config(tmp_path, reference_generation="batched", reference_source="cache")
 
 
 def test_explicit_batched_without_peft_fails_before_loading_the_model(tmp_path):
     with pytest.raises(ValueError, match="reference_generation='batched'.*needs a PEFT policy"):
-        make_trainer("no/such-model", tmp_path, reference_generation="batched")
+        make_aapo_trainer("no/such-model", tmp_path, reference_generation="batched")
 
 
 @pytest.mark.slow
 def test_auto_falls_back_to_separate_where_mixed_batches_do_not_apply(tiny_model_path, tmp_path):
-    assert make_trainer(str(tiny_model_path), tmp_path).reference_generation == "separate"  # no PEFT: frozen copy
+    assert make_aapo_trainer(str(tiny_model_path), tmp_path).reference_generation == "separate"  # no PEFT: frozen copy
     dora = lora(use_dora=True)
-    assert make_trainer(str(tiny_model_path), tmp_path, peft_config=dora).reference_generation == "separate"
+    assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=dora).reference_generation == "separate"
     with pytest.raises(ValueError, match="reference_generation='batched'.*not a plain LoRA"):
-        make_trainer(str(tiny_model_path), tmp_path, peft_config=dora, reference_generation="batched")
+        make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=dora, reference_generation="batched")
 
 
 def test_mixed_batches_need_unmerged_plain_lora_and_supported_modules_to_save(tiny_model_path):

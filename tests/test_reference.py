@@ -13,37 +13,21 @@ import copy
 import pytest
 import torch
 from _training import (
-    CPU_ARGS,
-    hashed_reward,
     lora,
+    make_aapo_trainer,
     peft_policy_with_a_trained_adapter,
     perturb_adapter_,
-    prompt_dataset,
 )
 from transformers import AutoModelForCausalLM
 
-from aapo_trl.configs import AAPOConfig
 from aapo_trl.reference import (
     ColocatedVLLMReference,
     FrozenCopyReference,
     PeftBaseReference,
     frozen_copy,
 )
-from aapo_trl.trainers import AAPOTrainer
 
 INPUT_IDS = torch.tensor([[1, 5, 9, 13, 20, 7], [3, 3, 8, 2, 11, 4]])
-
-
-def aapo_config(tmp_path, **overrides):
-    values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=6, num_generations=3,
-                  max_completion_length=6, max_steps=1)
-    values.update(overrides)
-    return AAPOConfig(**values)
-
-
-def make_trainer(model, tmp_path, peft_config=None, **overrides):
-    return AAPOTrainer(model, reward_funcs=[hashed_reward], args=aapo_config(tmp_path, **overrides),
-                       train_dataset=prompt_dataset(), peft_config=peft_config)
 
 
 @torch.no_grad()
@@ -72,7 +56,7 @@ def test_peft_policy_with_a_trained_adapter_is_referenced_as_it_was_at_step_0(ti
         base = logits_of(policy)
     assert (initial - base).abs().max() > 1e-2, "the trained adapter must change what the model says"
 
-    trainer = make_trainer(policy, tmp_path, beta=beta, loss_type="aapo" if beta == 0 else "grpo")
+    trainer = make_aapo_trainer(policy, tmp_path, beta=beta, loss_type="aapo" if beta == 0 else "grpo")
     assert isinstance(trainer.reference, PeftBaseReference)
     perturb_adapter_(trainer.model, seed=2)  # the policy trains its own adapter from here on
     assert (logits_of(trainer.model) - initial).abs().max() > 1e-2
@@ -87,7 +71,7 @@ def test_peft_policy_with_a_trained_adapter_is_referenced_as_it_was_at_step_0(ti
 def test_fresh_peft_config_is_referenced_with_adapters_off_only_when_the_adapter_adds_nothing(
         tiny_model_path, tmp_path, init_lora_weights, identity):
     base = logits_of(AutoModelForCausalLM.from_pretrained(tiny_model_path))
-    trainer = make_trainer(str(tiny_model_path), tmp_path, peft_config=lora(init_lora_weights=init_lora_weights))
+    trainer = make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora(init_lora_weights=init_lora_weights))
     initial = logits_of(trainer.model)
     # PEFT's default LoRA initialisation (B = 0) is the base model; init_lora_weights=False is not
     assert torch.allclose(initial, base) == identity
@@ -102,7 +86,7 @@ def test_colocated_peft_reference_weights_are_the_merged_initial_policy(tiny_mod
     """vllm_colocate loads PeftBaseReference.named_weights into the engine: base + the initial adapter, merged."""
     policy = peft_policy_with_a_trained_adapter(tiny_model_path)
     initial = copy.deepcopy(policy).merge_and_unload()
-    trainer = make_trainer(policy, tmp_path)
+    trainer = make_aapo_trainer(policy, tmp_path)
     perturb_adapter_(trainer.model, seed=2)
 
     weights = dict(trainer.reference.named_weights(trainer))
@@ -135,7 +119,7 @@ def optimizer_step_(model) -> None:
 def test_frozen_copy_logits_do_not_move_when_the_policy_trains(tiny_model_path, tmp_path, cast_lm_head_to_fp32,
                                                                dtype):
     """TRL 1.16 patches the policy's forward (fused LM head, always) and its LM head's (cast_lm_head_to_fp32)."""
-    trainer = make_trainer(str(tiny_model_path), tmp_path, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+    trainer = make_aapo_trainer(str(tiny_model_path), tmp_path, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
                            model_init_kwargs={"dtype": dtype})
     assert isinstance(trainer.reference, FrozenCopyReference)
     reference = trainer.reference.model
@@ -213,7 +197,7 @@ def test_strict_devices_raises_on_a_mix_like_cuda():
 @pytest.mark.slow
 def test_ref_update_copies_the_policy_into_a_reference_on_another_device(tiny_model_path, tmp_path):
     """The colocated reference's frozen copy sits on another device than the policy (CPU vs accelerator)."""
-    trainer = make_trainer(str(tiny_model_path), tmp_path, ref_update_steps=1)
+    trainer = make_aapo_trainer(str(tiny_model_path), tmp_path, ref_update_steps=1)
     policy_device = next(trainer.model.parameters()).device
     elsewhere = frozen_copy(trainer.model).to("meta")  # the "other device": raises on mixing, under StrictDevices
     elsewhere.tie_weights()  # moving to meta unties the head from the embeddings, moving to a GPU does not
