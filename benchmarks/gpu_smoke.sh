@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_smoke.sh prepare        # HERE, with network: fills .gpu_smoke/ (git-ignored)
 #   bash benchmarks/gpu_smoke.sh run [ARGS...]  # ON THE DEVICE MACHINE, offline: installs, then runs
 #                                               # benchmarks/gpu_smoke.py --device cuda ARGS...
+#   bash benchmarks/gpu_smoke.sh bench [ARGS...] # ON THE DEVICE MACHINE: step_overhead.py ARGS... on a random
+#                                               # model of the embedded model's shape
 #
 # prepare downloads, as wheels for the device's Python (3.12, x86-64; no dependencies resolved), every package
 # aapo-trl needs that the device image lacks or holds in another version (KINDS.md's package list: no trl,
@@ -48,6 +50,10 @@ prepare() {
     tokenizer=$(PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$python" -c \
         "from aapo_trl.models import ensure_tokenizer; print(ensure_tokenizer())")
     cp -r "$tokenizer" "$CACHE_DIR/"  # with its completion marker, so ensure_tokenizer takes it as built
+    # bench: the embedded model's shape (its 0.5 GB of weights cannot travel; bench builds random ones there)
+    PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} "$python" -c \
+        "from aapo_trl.models import ensure_embedded_model; print(ensure_embedded_model() / 'config.json')" \
+        | xargs -I{} cp {} "$KIT/embedded-config.json"
     local tree_kib carry_kib
     tree_kib=$(git ls-files -z --cached --others --exclude-standard | du -ck --files0-from=- 2>/dev/null | tail -1 | cut -f1)
     carry_kib=$(du -sk "$KIT" | cut -f1)
@@ -60,7 +66,7 @@ prepare() {
     fi
 }
 
-run() {
+device_env() {
     if [[ ! -d $WHEELS_DIR ]] || ! ls "$WHEELS_DIR"/*.whl >/dev/null 2>&1; then
         echo "error: no wheels in $WHEELS_DIR: run 'bash benchmarks/gpu_smoke.sh prepare' here and carry $KIT" >&2
         return 1
@@ -76,11 +82,34 @@ run() {
     mkdir -p "$cache"
     cp -r "$CACHE_DIR"/. "$cache"/
     export PYTHONPATH=$site:$PWD AAPO_TRL_CACHE=$cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+}
+
+run() {
+    device_env
     python3 benchmarks/gpu_smoke.py --device cuda "$@"
+}
+
+# benchmarks/step_overhead.py on the device, on a model of the embedded model's shape (SmolLM2-135M: 30 layers,
+# hidden 576) with random weights and the real tokenizer: the step costs of a 135M model, not its answers (random
+# weights never stop before max_completion_length and earn no reward).
+bench() {
+    device_env
+    local model=/tmp/gpu_bench_model
+    python3 - "$KIT/embedded-config.json" "$model" <<'PY'
+import sys, torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from aapo_trl.models import ensure_tokenizer
+config = LlamaConfig.from_json_file(sys.argv[1])
+torch.manual_seed(0)
+LlamaForCausalLM(config).to(torch.float32).save_pretrained(sys.argv[2])
+AutoTokenizer.from_pretrained(ensure_tokenizer()).save_pretrained(sys.argv[2])
+PY
+    python3 benchmarks/step_overhead.py --model "$model" --out "${OUT:-outputs}/step_overhead-gpu.json" "$@"
 }
 
 case ${1:-} in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
-    *) echo "usage: bash benchmarks/gpu_smoke.sh prepare | run [gpu_smoke.py arguments]" >&2; exit 2 ;;
+    bench) shift; bench "$@" ;;
+    *) echo "usage: bash benchmarks/gpu_smoke.sh prepare | run [gpu_smoke.py arguments] | bench [step_overhead.py arguments]" >&2; exit 2 ;;
 esac
