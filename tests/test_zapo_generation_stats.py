@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from _training import CPU_ARGS, Recorder
 from datasets import Dataset
+from test_zapo_trainer import scripted_reward  # all-correct easy, all-wrong hard, one right answer in mixed
 
 from aapo_trl.configs import ZAPOConfig
 from aapo_trl.entropy import generation_sequence_statistics, temperature_scaled_token_statistics
@@ -55,7 +56,9 @@ def test_generation_sequence_statistics_masks_each_response_at_its_length():
     entropies = torch.tensor([[1.0, 2.0, 3.0], [5.0, 9.0, 9.0]])
     hidden = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], [[3.0, 4.0], [9.0, 9.0], [9.0, 9.0]]])
     lengths = torch.tensor([3, 1])
-    seq_logps, token_entropy, embeddings, pooled = generation_sequence_statistics(token_logps, entropies, hidden, lengths)
+    seq_logps, token_entropy, embeddings, pooled = generation_sequence_statistics(
+        token_logps, entropies, hidden, lengths
+    )
     torch.testing.assert_close(seq_logps, torch.tensor([-2.0, -4.0]))
     torch.testing.assert_close(token_entropy, torch.tensor([2.0, 5.0]))
     torch.testing.assert_close(embeddings, F.normalize(torch.tensor([[2.0, 2.0], [3.0, 4.0]]), dim=1))
@@ -94,18 +97,6 @@ def test_the_source_is_validated_with_the_field_name(tmp_path):
 def dataset():
     return Dataset.from_list([{"prompt": [{"role": "user", "content": text}], "solution": kind}
                               for kind, text in PROMPTS.items()])
-
-
-def scripted_reward(completions, solution, **kwargs):
-    """All-correct for the easy prompt, all-wrong (0.1) for the hard one, one right answer in the mixed group."""
-    rewards, seen_mixed = [], 0
-    for kind in solution:
-        if kind == "mixed":
-            rewards.append(1.0 if seen_mixed == 0 else 0.1)
-            seen_mixed += 1
-        else:
-            rewards.append(1.0 if kind == "easy" else 0.1)
-    return rewards
 
 
 def make_trainer(tiny_model_path, tmp_path, source="generation", early_eos=True, **overrides):
