@@ -38,8 +38,8 @@ variant passes when it ran its steps without an exception and
   ``parameters_fingerprint()`` (when the reference has one) is unchanged, and the policy's logits on
   the same probe *did* move by more than ten times that tolerance (so the check has teeth);
 * AAPO (cache): the cached reference rewards reached the advantage (``aapo/ref_reward_mean`` logged, finite);
-* ZAPO: at every step there were zero-advantage groups, the entropy forward (``zapo_entropy_forward``)
-  ran, and the token-entropy mean it logged (``zapo/te_mean``) is finite: the device round trip to
+* ZAPO: at every step there were zero-advantage groups, a pass computing DAER's statistics ran (the
+  default ``zapo_generation_statistics`` after ``generate``, or the forward ``zapo_entropy_forward``), and the token-entropy mean it logged (``zapo/te_mean``) is finite: the device round trip to
   scikit-learn's K-Means and back completed (issue 14, part 1, crashed exactly there);
 * GRESO: its filter recorded every step's groups (``greso/skip_rate`` logged).
 
@@ -82,7 +82,7 @@ NUM_GENERATIONS = 4
 # One group of each kind per step: all correct (easy), all wrong (hard), spread (mixed).
 PROMPTS = (("What is 2 + 3?", "5", "easy"), ("What is 7 - 4?", "3", "hard"), ("What is 3 * 3?", "9", "mixed"))
 PROBE_TEXT = "What is 6 + 1? The answer is 7."
-PROFILED_ENTROPY_FORWARD = "zapo_entropy_forward"
+PROFILED_ENTROPY_PASSES = ("zapo_generation_statistics", "zapo_entropy_forward")
 
 
 # ==================================================================================================
@@ -384,7 +384,7 @@ def run_variant(name: str, args, model_path: Path, work_dir: Path) -> dict:
             te_means = _logged(trainer, "zapo/te_mean")
             result["zapo"] = {"zero_advantage_groups": zero_groups, "te_mean": te_means,
                               "se_mean": _logged(trainer, "zapo/se_mean"),
-                              "entropy_forwards": sum(1 for e in PROFILED_BLOCKS if e[0] == PROFILED_ENTROPY_FORWARD)}
+                              "entropy_forwards": sum(1 for e in PROFILED_BLOCKS if e[0] in PROFILED_ENTROPY_PASSES)}
             checks["zero_advantage_groups_every_step"] = len(zero_groups) == args.steps and all(zero_groups)
             checks["entropy_forward_ran"] = result["zapo"]["entropy_forwards"] >= args.steps
             checks["token_entropies_finite"] = len(te_means) == args.steps and _finite(te_means)

@@ -21,7 +21,10 @@ aapo_peft       AAPOTrainer with LoRA, reference = adapters switched off,  grpo_
                 batch, reference_generation="batched", the default)
 aapo_peft_sep   the same with reference_generation="separate" (a second    grpo_peft   -
                 generate call for the reference: the fallback path)
-zapo            ZAPOTrainer (its own reward, final_number_zapo)            grpo        <= 1.10
+zapo            ZAPOTrainer (its own reward, final_number_zapo); DAER's    grpo        <= 1.03
+                statistics recorded while generating (the default)
+zapo_forward    ZAPOTrainer, zapo_statistics_source="forward": DAER's      grpo        -
+                statistics from ZAPO's extra no-grad forward (reference)
 zapo_greso      ZAPOTrainer + GRESO pre-rollout filtering                  grpo        <= 1.10
 ==============  =========================================================  ==========  =====================
 
@@ -46,8 +49,10 @@ How it measures
   ``generation`` (``transformers.generate``; with ``reference_generation="batched"`` it holds the
   reference's rows too), ``ref_generation`` (our ``reference_generate``, the separate call),
   ``ref_scoring`` (``reference_rewards``: scoring the reference samples, or reading the cache),
-  ``extra_forward`` (ZAPO's ``zapo_entropy_forward``, plus any old-log-prob forward TRL runs inside
-  ``_prepare_inputs``), ``advantage`` (``compute_advantages`` minus the reference and entropy parts
+  ``extra_forward`` (ZAPO's ``zapo_entropy_forward`` and ``zapo_generation_statistics``, the one
+  backbone step after ``generate`` for the last token's hidden state, plus any old-log-prob forward TRL
+  runs inside ``_prepare_inputs``; the per-step statistics the hooks record during ``generate`` count as
+  ``generation``), ``advantage`` (``compute_advantages`` minus the reference and entropy parts
   above: the maths, incl. ZAPO's K-Means), ``scoring_other`` (the rest of ``_prepare_inputs``:
   policy rewards, decoding, TRL's bookkeeping), ``loss_forward`` (``compute_loss``), ``backward`` and
   ``optimizer_other`` (optimizer step, callbacks, logging, data loading).
@@ -119,7 +124,8 @@ VARIANTS = {
                 baseline="grpo_peft", target=1.12, peft=True),
         Variant("aapo_peft_sep", "AAPO (LoRA, adapters off, separate reference generate)", "aapo",
                 (*PEFT_ARGS, "--reference_generation", "separate"), baseline="grpo_peft", peft=True),
-        Variant("zapo", "ZAPO", "zapo", target=1.10),
+        Variant("zapo", "ZAPO", "zapo", target=1.03),
+        Variant("zapo_forward", "ZAPO (extra forward)", "zapo", ("--zapo_statistics_source", "forward")),
         Variant("zapo_greso", "ZAPO + GRESO", "zapo", ("--greso", "true"), target=1.10),
     ]
 }
@@ -134,6 +140,7 @@ LOGGED_KEYS = (
     "aapo/ref_completion_mean_length", "step_time", "greso/skip_rate",
 )
 ADVANTAGE_TARGET = 0.01
+ZAPO_STATISTICS_EVENTS = ("zapo_entropy_forward", "zapo_generation_statistics")
 
 
 # ==================================================================================================
@@ -209,7 +216,7 @@ def breakdown(events: list, total: float) -> dict[str, float]:
         return sum(end - start for _, start, end in selected)
 
     prepare = named("_prepare_inputs")
-    zapo_forward = named("zapo_entropy_forward")
+    zapo_forward = named(*ZAPO_STATISTICS_EVENTS)
     other_logps = [
         event for event in named("_get_per_token_logps_and_entropies")
         if _inside(event, prepare) and not _inside(event, zapo_forward)
@@ -219,7 +226,7 @@ def breakdown(events: list, total: float) -> dict[str, float]:
     ref_scoring = seconds(named("reference_rewards"))
     extra_forward = seconds(zapo_forward) + seconds(other_logps)
     advantages = named("compute_advantages")
-    inner = [e for e in named("reference_generate", "reference_rewards", "zapo_entropy_forward") if _inside(e, advantages)]
+    inner = [e for e in named("reference_generate", "reference_rewards", *ZAPO_STATISTICS_EVENTS) if _inside(e, advantages)]
     advantage = max(seconds(advantages) - seconds(inner), 0.0)
     prepare_s = seconds(prepare)
     loss_forward = seconds(named("compute_loss"))

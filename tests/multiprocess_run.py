@@ -26,6 +26,7 @@ from aapo_trl.trainers import AAPOTrainer, ZAPOTrainer  # noqa: E402
 TRAINERS = {"aapo": (AAPOConfig, AAPOTrainer), "zapo": (ZAPOConfig, ZAPOTrainer)}
 
 GLOBAL_BATCH = 6
+STATS_SOURCE_METRIC = "zapo/stats_forward_frac"
 NUM_GENERATIONS = 2  # with 3 rows per process, the second group spans both processes
 
 
@@ -74,7 +75,10 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         "ref_completion_ids": batch.get("ref_completion_ids"),
         "entropy_inputs": {k: v.tolist() for k, v in getattr(trainer, "_last_entropy_inputs", {}).items()},
         "local_advantages": batch["advantages"].tolist(),
-        "logged": {k: v for k, v in trainer.state.log_history[0].items() if k.startswith(("zero_adv", "aapo", "zapo"))},
+        # where ZAPO's statistics came from is not part of the result: ZeRO-3 computes some by the forward pass
+        "logged": {k: v for k, v in trainer.state.log_history[0].items()
+                   if k.startswith(("zero_adv", "aapo", "zapo")) and k != STATS_SOURCE_METRIC},
+        "stats_forward_frac": trainer.state.log_history[0].get(STATS_SOURCE_METRIC),
         "deepspeed_zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage
         if trainer.is_deepspeed_enabled else None,
         "reference_class": type(getattr(trainer, "reference", None)).__name__,

@@ -61,6 +61,10 @@ def test_zapo_under_zero3_matches_the_plain_run(tiny_model_path, tmp_path, singl
     runs = launch("zapo", 2, tiny_model_path, tmp_path / "zero3", config="zero3", port=29572)
     assert [rank["deepspeed_zero_stage"] for rank in runs] == [3, 3]
     assert_same_as_single_process(plain, runs)
+    # the plain run took DAER's statistics from generation; under ZeRO-3 the responses whose last token was sampled at
+    # the last step went through the forward pass (no backbone step outside TRL's gathering context)
+    assert plain[0]["stats_forward_frac"] == 0.0
+    assert all(rank["stats_forward_frac"] > 0 for rank in runs)
     for key in ("seq_logps", "token_entropy", "embeddings"):  # the entropy forward pass ran on gathered weights
         for rank in runs:
             torch.testing.assert_close(torch.tensor(rank["entropy_inputs"][key]),

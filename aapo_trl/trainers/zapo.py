@@ -119,7 +119,9 @@ class _GenerationRecorder:
         self._pending_log_probs, entropy = temperature_scaled_token_statistics(logits[:, -1], self.temperature)
         self.entropies.append(entropy)
         self._last_hidden = None
-        self._last_step_inputs = {name: kwargs.get(name) for name in ("past_key_values", "attention_mask", "position_ids")}
+        self._last_step_inputs = {
+            name: kwargs.get(name) for name in ("past_key_values", "attention_mask", "position_ids")
+        }
         self.steps += 1
 
     def _hidden_of_last_token(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -330,7 +332,9 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         finally:
             recorder.remove()
         # generate() ran under no_grad with gradient checkpointing off (which drops the KV cache); so does its last step
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+        with profiling_context(self, "zapo_generation_statistics"), torch.no_grad(), disable_gradient_checkpointing(
+            self.model, self.args.gradient_checkpointing_kwargs
+        ):
             self._collected_statistics = recorder.finish(
                 completion_ids, self._tokenizer.pad_token_id, feed_last_token=not self._parameters_sharded()
             )
@@ -367,6 +371,16 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         )
         return logps, entropies if entropy_requested else None, aux_loss
 
+    def _undefined_statistics(self, num_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """NaN log-likelihoods, token entropies and embeddings for ``num_local`` rows (NaN = not computed)."""
+        device = self.accelerator.device
+        hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
+        return (
+            torch.full((num_local,), float("nan"), device=device),
+            torch.full((num_local,), float("nan"), device=device),
+            torch.full((num_local, hidden_size), float("nan"), device=device),
+        )
+
     def _statistics_from_round(self, output, local_needed: torch.Tensor):
         """This round's collected statistics of the rows in ``local_needed`` (NaN elsewhere) and which rows they cover.
 
@@ -375,17 +389,15 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         """
         device = self.accelerator.device
         num_local = local_needed.numel()
-        hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-        seq_logps = torch.full((num_local,), float("nan"), device=device)
-        token_entropy = torch.full((num_local,), float("nan"), device=device)
-        embeddings = torch.full((num_local, hidden_size), float("nan"), device=device)
+        seq_logps, token_entropy, embeddings = self._undefined_statistics(num_local)
         covered = torch.zeros(num_local, dtype=torch.bool, device=device)
         stats = self._collected_statistics
         if stats is None or stats.lengths.numel() != num_local:
             return seq_logps, token_entropy, embeddings, covered
         lengths = output["completion_mask"].sum(dim=1).to(device)
         emptied = lengths == 0
-        covered = local_needed.to(device) & ((stats.available.to(device) & (stats.lengths.to(device) == lengths)) | emptied)
+        matching = stats.available.to(device) & (stats.lengths.to(device) == lengths)
+        covered = local_needed.to(device) & (matching | emptied)
         rows = covered & ~emptied
         seq_logps[rows] = stats.seq_logps.to(device)[rows].float()
         token_entropy[rows] = stats.token_entropy.to(device)[rows].float()
@@ -439,11 +451,7 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         a collective, stays in step.
         """
         device = self.accelerator.device
-        num_local = local_needed.numel()
-        hidden_size = self.accelerator.unwrap_model(self.model).config.get_text_config().hidden_size
-        seq_logps = torch.full((num_local,), float("nan"), device=device)
-        token_entropy = torch.full((num_local,), float("nan"), device=device)
-        embeddings = torch.full((num_local, hidden_size), float("nan"), device=device)
+        seq_logps, token_entropy, embeddings = self._undefined_statistics(local_needed.numel())
 
         rows = local_needed.nonzero().flatten().to(device)
         count = torch.tensor([rows.numel()], device=device)
