@@ -6,6 +6,7 @@ prompt alone, so both runs see the same global batch and must produce the same a
 writes the global rewards it saw and the advantages of its own rows.
 """
 
+import gc
 import json
 import os
 import sys
@@ -85,4 +86,5 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
 
 
 if __name__ == "__main__":
+    gc.freeze()  # as tests/conftest.py does: Trainer.train()'s gc.collect() then skips the imported modules
     main(*sys.argv[1:])
