@@ -7,6 +7,7 @@ writes the global rewards it saw and the advantages of its own rows.
 """
 
 import gc
+import importlib
 import json
 import os
 import sys
@@ -36,9 +37,9 @@ def skip_deepspeed_shared_memory_kernel() -> None:
     call falls back to the process group's all_reduce, and ZeRO training, which never calls it, is unchanged.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        import deepspeed.comm.torch
-
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # by module name: the attribute deepspeed.comm.torch is the torch package (a star import re-exports it)
+        backend = importlib.import_module("deepspeed.comm.torch")
+        backend.build_shm_op = lambda: None
 
 
 def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
