@@ -15,7 +15,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 
 
-# The longest files first (per-file totals of `pytest --durations`, 2026-11-30): under `make test`'s
+# The longest files first (per-file totals of `pytest --durations`, 2026-11-30, partly estimated): under `make test`'s
 # `--dist loadfile --no-loadscope-reorder`, xdist hands whole files to its workers in collection order, so these
 # start early and the many short files fill in around them. Only a scheduling hint: a file not listed runs later.
 LONGEST_FILES_FIRST = (
@@ -28,6 +28,7 @@ LONGEST_FILES_FIRST = (
     "test_ref_cache.py",
     "test_reliability.py",
     "test_ce_loss.py",
+    "test_devices.py",
     "test_trainers.py",
     "test_zapo_trainer.py",
     "test_entrypoints.py",
