@@ -7,6 +7,7 @@ only "mixed" prompts do. Each rank writes rank<i>.json: per generation batch, th
 groups it trained (from the decoded prompt tokens) and the dynamic-sampling metrics, and the losses per step.
 """
 
+import gc
 import json
 import os
 import re
@@ -93,4 +94,5 @@ def main(algorithm, model_path, out_dir, overrides="{}", pause_after="0", mode="
 
 
 if __name__ == "__main__":
+    gc.freeze()  # as tests/conftest.py does: Trainer.train()'s gc.collect() then skips the imported modules
     main(*sys.argv[1:])

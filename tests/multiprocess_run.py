@@ -7,6 +7,8 @@ prompt alone, so both runs see the same global batch and must produce the same a
 writes the global rewards it saw and the advantages of its own rows.
 """
 
+import gc
+import importlib
 import json
 import os
 import sys
@@ -38,9 +40,9 @@ def skip_deepspeed_shared_memory_kernel() -> None:
     call falls back to the process group's all_reduce, and ZeRO training, which never calls it, is unchanged.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        import deepspeed.comm.torch
-
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        # by module name: the attribute deepspeed.comm.torch is the torch package (a star import re-exports it)
+        backend = importlib.import_module("deepspeed.comm.torch")
+        backend.build_shm_op = lambda: None
 
 
 def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
@@ -102,4 +104,5 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
 
 
 if __name__ == "__main__":
+    gc.freeze()  # as tests/conftest.py does: Trainer.train()'s gc.collect() then skips the imported modules
     main(*sys.argv[1:])

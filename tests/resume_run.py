@@ -1,6 +1,7 @@
 """A short training run for tests/test_resume.py: saves every 2 steps and can pause after a step so the
 test can SIGKILL it, or resume from the last complete checkpoint."""
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -32,4 +33,5 @@ def main(name: str, model_path: str, output_dir: str, pause_after: int, resume: 
 
 
 if __name__ == "__main__":
+    gc.freeze()  # as tests/conftest.py does: Trainer.train()'s gc.collect() then skips the imported modules
     main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "resume")
