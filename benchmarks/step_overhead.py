@@ -18,9 +18,9 @@ aapo_cache      AAPOTrainer, reference_source="cache" (aapo-trl            grpo 
 grpo_peft       GRPO with LoRA (r 16, all linear layers)                   -           -
 aapo_peft       AAPOTrainer with LoRA, reference = adapters switched off,  grpo_peft   <= 1.12
                 its rows in the policy's generate call (PEFT mixed-adapter
-                batch, reference_generation="batched", the default)
+                batch, reference_generation="batched")
 aapo_peft_sep   the same with reference_generation="separate" (a second    grpo_peft   -
-                generate call for the reference: the fallback path)
+                generate call for the reference: the default path)
 zapo            ZAPOTrainer (its own reward, final_number_zapo); DAER's    grpo        <= 1.03
                 statistics recorded while generating (the default)
 zapo_forward    ZAPOTrainer, zapo_statistics_source="forward": DAER's      grpo        -
@@ -120,7 +120,8 @@ VARIANTS = {
         Variant("aapo", "AAPO (frozen copy)", "aapo", target=1.25),
         Variant("aapo_cache", "AAPO (reference-reward cache)", "aapo", ("--reference_source", "cache"), target=1.02),
         Variant("grpo_peft", "GRPO (LoRA)", "grpo", PEFT_ARGS, baseline=None, peft=True),
-        Variant("aapo_peft", "AAPO (LoRA, adapters off, batched reference)", "aapo", PEFT_ARGS,
+        Variant("aapo_peft", "AAPO (LoRA, adapters off, batched reference)", "aapo",
+                (*PEFT_ARGS, "--reference_generation", "batched"),
                 baseline="grpo_peft", target=1.12, peft=True),
         Variant("aapo_peft_sep", "AAPO (LoRA, adapters off, separate reference generate)", "aapo",
                 (*PEFT_ARGS, "--reference_generation", "separate"), baseline="grpo_peft", peft=True),
