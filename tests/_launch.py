@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,15 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now: two xdist workers launching at once must not share a rendezvous port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, config: str = "cpu_2proc",
-           overrides: dict | None = None, port: int = 29533) -> list[dict]:
+           overrides: dict | None = None, port: int | None = None) -> list[dict]:
     """Run one multiprocess_run.py job under ``accelerate_configs/<config>.yaml``; the per-rank results.
 
     The shipped GPU configs (zero2, zero3) are launched with ``--mixed_precision no``: the CPU has no bf16
@@ -26,7 +34,7 @@ def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, con
     out_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [str(ACCELERATE), "launch", "--config_file", str(CONFIG_DIR / f"{config}.yaml"),
-               "--num_processes", str(num_processes), "--main_process_port", str(port)]
+               "--num_processes", str(num_processes), "--main_process_port", str(port or free_port())]
     if config != "cpu_2proc":
         command += ["--mixed_precision", "no"]
     command += [str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides or {})]

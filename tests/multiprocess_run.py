@@ -92,10 +92,11 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         if hasattr(getattr(trainer, "reference", None), "state_dict") else None,
     }
     Path(out_dir, f"rank{result['rank']}.json").write_text(json.dumps(result))
-    if trainer.is_deepspeed_enabled:
-        # DeepSpeed 0.19's CPU backend intermittently aborts during interpreter teardown, after everything above
-        # has finished ("terminate called without an active exception": a C++ thread of its shared-memory comm
-        # op). The results are written; leave without the teardown so the launcher sees a clean exit.
+    if torch.distributed.is_initialized():
+        # The interpreter's teardown intermittently aborts after everything above has finished ("terminate called
+        # without an active exception": a C++ thread still joinable when its owner is freed), seen under DeepSpeed
+        # 0.19's CPU backend and, with gc.freeze() keeping the process group alive to the end, under plain gloo
+        # DDP. The results are written; leave without the teardown so the launcher sees a clean exit.
         trainer.accelerator.wait_for_everyone()
         torch.distributed.destroy_process_group()
         sys.stdout.flush()
