@@ -100,9 +100,13 @@ needs_shared_data = pytest.mark.skipif(
 )
 
 
-@needs_shared_data
-@pytest.mark.parametrize("scoring", ["papers", "robust"])
-@pytest.mark.parametrize("key", ["aime24", "math_500", "amc23", "minerva", "olympiadbench"])
+def every_full_set_and_scorer(test):
+    """Run ``test(key, scoring)`` on each of the five full sets next to the checkout, under both scorers."""
+    test = pytest.mark.parametrize("key", ["aime24", "math_500", "amc23", "minerva", "olympiadbench"])(test)
+    return needs_shared_data(pytest.mark.parametrize("scoring", ["papers", "robust"])(test))
+
+
+@every_full_set_and_scorer
 def test_oracle_every_boxed_gold_answer_scores_one(key, scoring):
     logging.getLogger("lighteval").setLevel(logging.ERROR)
     rows, answers, golds, predictions, scorer = _extracted(key, scoring)
@@ -122,9 +126,7 @@ def control_pairs(n: int, answers: list[str]) -> list[tuple[int, int]]:
     return pairs if len(pairs) <= CONTROL_PAIRS else random.Random(0).sample(pairs, CONTROL_PAIRS)
 
 
-@needs_shared_data
-@pytest.mark.parametrize("scoring", ["papers", "robust"])
-@pytest.mark.parametrize("key", ["aime24", "math_500", "amc23", "minerva", "olympiadbench"])
+@every_full_set_and_scorer
 def test_control_another_problems_gold_scores_zero(key, scoring):
     logging.getLogger("lighteval").setLevel(logging.ERROR)
     rows, answers, golds, predictions, scorer = _extracted(key, scoring)
