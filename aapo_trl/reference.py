@@ -578,8 +578,8 @@ def _reference_server_generation_class():
 
         Generation (gathering the prompts, one request with ``n = num_generations`` per unique prompt,
         broadcasting and slicing the answers) is TRL's own ``VLLMGeneration.generate``. The only change is
-        that the weight-transfer group is *not* opened at start-up: a frozen reference never receives
-        weights. It is opened on the first :meth:`sync_weights`, which only ``ref_update_steps`` calls.
+        that the weight-transfer group is not opened for a frozen reference, which never receives weights:
+        :meth:`open_weight_transfer` opens it at start-up with ``ref_update_steps`` only.
         """
 
         def _init_vllm(self):
@@ -600,11 +600,15 @@ def _reference_server_generation_class():
                     ) from error
             self.accelerator.wait_for_everyone()
 
-        def sync_weights(self):
+        def open_weight_transfer(self):
+            """Open the weight-transfer group with the server (TRL's ``init_communicator``, main process)."""
             if not self.weight_transfer_ready:
                 if self.accelerator.is_main_process:
                     self.vllm_client.init_communicator(device=self.accelerator.device)
                 self.weight_transfer_ready = True
+
+        def sync_weights(self):
+            self.open_weight_transfer()
             super().sync_weights()
 
     return ReferenceServerGeneration
@@ -653,6 +657,8 @@ class VLLMServerReference:
             bound_request_time(client.session, self.request_timeout)
         self.background_requests = BackgroundReferenceRequests(self.generation, self.base_url, self.request_timeout)
         self._check_served_model(trainer)
+        if args.ref_update_steps is not None:
+            self._open_weight_transfer()
         policy = trainer.model
         if is_peft_model(policy) and not adapter_is_identity(policy, policy.active_adapter):
             logger.warning(
@@ -660,6 +666,22 @@ class VLLMServerReference:
                 "base model merged with that adapter (the initial policy), not the base model alone.",
                 policy.active_adapter, self.base_url,
             )
+
+    def _open_weight_transfer(self) -> None:
+        """``ref_update_steps``: open the weight transfer at start-up, so that a setup that cannot push weights fails
+        before any step is spent rather than at the first update. TRL's transfer is vLLM's NCCL engine: CUDA on
+        the trainer's side and a server started with ``--weight-transfer-config '{"backend": "nccl"}'``."""
+        try:
+            self.generation.open_weight_transfer()
+        except Exception as error:
+            raise ValueError(
+                f"ref_update_steps with reference_source='vllm_server' pushes the policy's weights into the reference "
+                f"server at {self.base_url} through TRL's weight transfer (vLLM's NCCL engine), which needs CUDA GPUs "
+                f"on both sides and a server started with `trl vllm-serve --model BASE --port PORT "
+                f"--weight-transfer-config '{{\"backend\": \"nccl\"}}'`. Opening it failed: {error}. Without GPUs, use "
+                f"reference_source='model' or 'vllm_colocate' for reference updates, or train without ref_update_steps "
+                f"(a frozen reference server needs no transfer)."
+            ) from error
 
     def _check_served_model(self, trainer) -> None:
         client = getattr(self.generation, "vllm_client", None)

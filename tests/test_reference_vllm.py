@@ -59,8 +59,9 @@ def tag_of(tokenizer, ids) -> str | None:
 class FakeVLLMServer:
     """One "vLLM server": answers "<tag> k" to every prompt and records every request and received tensor."""
 
-    def __init__(self, tag: str, tokenizer, served_model: str):
+    def __init__(self, tag: str, tokenizer, served_model: str, weight_transfer: bool = True):
         self.tag, self.tokenizer, self.served_model = tag, tokenizer, served_model
+        self.weight_transfer_config = {"backend": "nccl"} if weight_transfer else None
         self.requests: list[tuple[str, dict]] = []
         self.received: list[dict[str, torch.Tensor]] = []  # one dict per weight update
         self.counter = 0
@@ -89,7 +90,7 @@ class FakeVLLMServer:
                 if path == "/server_info":
                     return self._reply({"vllm_config": {
                         "model_config": {"logprobs_mode": "processed_logprobs"},
-                        "weight_transfer_config": {"backend": "nccl"},
+                        "weight_transfer_config": server.weight_transfer_config,
                     }})
                 if path == "/get_world_size":
                     return self._reply({"world_size": 1})
@@ -193,8 +194,8 @@ def vllm_env(monkeypatch):
     env_before = {key: os.environ.get(key) for key in env_keys}
     started = []
 
-    def start(tag, tokenizer, served_model):
-        server = FakeVLLMServer(tag, tokenizer, served_model)
+    def start(tag, tokenizer, served_model, weight_transfer=True):
+        server = FakeVLLMServer(tag, tokenizer, served_model, weight_transfer)
         servers[server.url] = server
         started.append(server)
         return server
@@ -285,7 +286,7 @@ def test_server_mode_ref_update_steps_pushes_the_policy_into_the_reference_serve
     trainer.add_callback(Snapshot())
     trainer.train()
 
-    assert reference_server.paths().count("/init_weight_transfer_engine") == 1  # opened lazily, at the first push
+    assert reference_server.paths().count("/init_weight_transfer_engine") == 1  # opened at start-up (ref_update_steps)
     assert reference_server.paths().count("/update_weights") == 1
     assert len(reference_server.received) == 1
     pushed = reference_server.received[0]
@@ -321,6 +322,24 @@ def test_reference_server_with_a_transformers_policy_and_peft(tiny_model_path, t
         AAPOTrainer(str(tiny_model_path), reward_funcs=[tagged_reward], train_dataset=prompt_dataset(),
                     peft_config=lora, args=vllm_config(tmp_path, ref_update_steps=2, reference_source="vllm_server",
                                                        reference_vllm_server_base_url=reference_server.url))
+
+
+def test_ref_update_steps_fail_at_start_up_when_the_reference_server_cannot_receive_weights(tiny_model_path, tmp_path,
+                                                                                           vllm_env):
+    """A server started without a weight-transfer engine (and, with the real engine, a trainer without CUDA:
+    tests/vllm_engine) fails when the trainer is built, not at the first reference update."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    reference_server = vllm_env.start("REFERENCE", tokenizer, str(tiny_model_path), weight_transfer=False)
+    config = vllm_config(tmp_path, ref_update_steps=2, reference_source="vllm_server",
+                         reference_vllm_server_base_url=reference_server.url)
+    with pytest.raises(ValueError, match=r"(?s)ref_update_steps with reference_source='vllm_server'.*CUDA.*"
+                                         r"--weight-transfer-config.*no weight-transfer engine"):
+        AAPOTrainer(str(tiny_model_path), reward_funcs=[tagged_reward], args=config, train_dataset=prompt_dataset())
+    assert "/v1/completions" not in reference_server.paths()
+    # a frozen reference server needs no transfer: the same server serves it
+    config = vllm_config(tmp_path, reference_source="vllm_server", reference_vllm_server_base_url=reference_server.url)
+    AAPOTrainer(str(tiny_model_path), reward_funcs=[tagged_reward], args=config, train_dataset=prompt_dataset())
+    assert "/init_weight_transfer_engine" not in reference_server.paths()
 
 
 def test_reference_server_needs_vllm_installed(tiny_model_path, tmp_path):
