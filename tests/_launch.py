@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from aapo_trl.vllm_cpu import free_port
+
 SCRIPT = Path(__file__).with_name("multiprocess_run.py")
 ACCELERATE = Path(sys.executable).with_name("accelerate")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now: two xdist workers launching at once must not share a rendezvous port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, config: str = "cpu_2proc",

