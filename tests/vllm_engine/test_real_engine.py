@@ -62,50 +62,38 @@ def test_grpo_colocate_pushes_the_trained_policy_into_the_engine(embedded_model_
 
 
 @pytest.mark.slow
-def test_aapo_vllm_colocate_samples_the_reference_weights_after_the_policy_trained(embedded_model_path, tmp_path):
-    # top_k=1: every sample is the engine's greedy completion, a function of the prompt and the weights loaded
+def test_aapo_vllm_colocate_samples_the_reference_weights_after_training_and_after_an_update(embedded_model_path,
+                                                                                           tmp_path):
+    # top_k=1: every sample is the engine's greedy completion, a function of the prompt and the weights loaded.
+    # ref_update_steps=2: the reference is the initial policy at steps 0 and 1 (step 1: after the policy trained),
+    # and the policy as it was after its second optimizer step from step 2 on.
     result = run_colocated("aapo", embedded_model_path, tmp_path / "run",
-                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 2})
+                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 3, "ref_update_steps": 2})
 
-    assert result["global_step"] == 2 and all(result["policy_moved"])
+    assert result["global_step"] == 3 and all(result["policy_moved"])
     calls = result["calls"]
-    assert [call["step"] for call in calls] == [0, 0, 1, 1]  # per step: the policy's generation, then the reference's
+    assert [call["step"] for call in calls] == [0, 0, 1, 1, 2, 2]  # per step: the policy's, then the reference's
     policy_calls, reference_calls = calls[0::2], calls[1::2]
     initial = greedy_of_initial_weights(result)
     # the reference's samples are those of the reference (initial) weights, also at step 1, after the policy trained;
     # sampling the policy instead (the authors' bug) gives the policy's completions
-    for call in reference_calls:
+    for call in reference_calls[:2]:
         assert call["completions"] == [initial[tuple(p)] for p in call["prompts"]]
     for call in policy_calls:  # the policy was perturbed before step 0, then trained: it samples something else
         assert call["completions"] != [initial[tuple(p)] for p in call["prompts"]]
-    assert result["reference_weight_loads"] == 2
-    assert result["syncs"] == 2  # the policy is pushed back into the engine before each policy generation
-    assert result["engine_holds"] == {"last_sync": False, "initial": True}  # left holding the reference weights
-
-
-@pytest.mark.slow
-def test_aapo_vllm_colocate_with_ref_update_steps_samples_the_updated_reference(embedded_model_path, tmp_path):
-    # ref_update_steps=2: the reference is the initial policy at steps 0 and 1, and the policy as it was after its
-    # second optimizer step from step 2 on
-    result = run_colocated("aapo", embedded_model_path, tmp_path / "run",
-                           {"reference_source": "vllm_colocate", "top_k": 1, "max_steps": 3, "ref_update_steps": 2})
-
-    assert result["global_step"] == 3
-    calls = result["calls"]
-    assert [call["step"] for call in calls] == [0, 0, 1, 1, 2, 2]
+    assert result["reference_weight_loads"] == 3
+    assert result["syncs"] == 3  # the policy is pushed back into the engine before each policy generation
     loads = result["reference_loads"]
     assert [load["step"] for load in loads] == [0, 1, 2]
     assert [load["initial"] for load in loads] == [True, True, False]
-    # the third load is exactly the policy TRL pushed at step 2 (the weights the reference was updated to)
+    # the third load is exactly the policy TRL pushed at step 2 (the weights the reference was updated to) ...
     assert [load["policy_synced_at_step"][2] for load in loads] == [False, False, True]
-    initial = greedy_of_initial_weights(result)
-    reference_calls = calls[1::2]
-    for call in reference_calls[:2]:
-        assert call["completions"] == [initial[tuple(p)] for p in call["prompts"]]
+    # ... whose greedy completions the reference then sampled
     updated = dict(zip([tuple(p) for c in calls for p in c["prompts"]], result["greedy_last_reference"]))
     last = reference_calls[2]
     assert last["completions"] == [updated[tuple(p)] for p in last["prompts"]]
     assert last["completions"] != [initial[tuple(p)] for p in last["prompts"]]
+    assert result["engine_holds"] == {"last_sync": False, "initial": False}  # left holding the updated reference
 
 
 @pytest.mark.slow
