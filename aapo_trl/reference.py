@@ -37,7 +37,9 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import re
 import types
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -374,22 +376,79 @@ def keep_initial_adapter(model) -> None:
     model.set_adapter(adapter)  # the policy keeps training its own adapter
 
 
-def hide_initial_adapter_from_policy_sync(vllm_generation) -> None:
-    """Keep the "ref" adapter's ``modules_to_save`` copies out of TRL's policy weight push to vLLM.
+def peft_weights_for_vllm(model, adapters: Sequence[str], dist) -> Iterator[tuple[str, torch.Tensor]]:
+    """The weights of the PEFT ``model`` with ``adapters`` applied, under the checkpoint's names, computed out of place.
 
-    TRL's ``VLLMGeneration._iter_named_params`` skips the LoRA tensors and the original modules of a PEFT policy,
-    but yields ``<module>.modules_to_save.ref.weight`` under that name, which vLLM does not know. Filtering
-    the stream after TRL's gathers keeps every rank in the same collectives.
+    Each LoRA layer's base weight plus the plain-LoRA deltas of ``adapters`` it holds, and for each
+    ``modules_to_save`` wrapper the copy of the first of ``adapters`` it holds, else its original module;
+    ``adapters=()`` gives the base model. No parameter is modified: PEFT's ``merge_adapter`` / ``unmerge_adapter``
+    (W + BA - BA) leaves the base weights up to a rounding step away from where they were (a bf16 ulp per
+    element for a bf16 base, every time), so the frozen base, and with it a reference that is the base, would
+    drift with every weight push. Parameters are gathered one layer at a time under DeepSpeed ZeRO-3.
     """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    adapters = tuple(adapters)
+    for adapter in adapters:
+        if not _is_plain_lora(model.peft_config[adapter]):
+            raise NotImplementedError(f"out-of-place LoRA deltas need plain LoRA adapters; {adapter!r} is not")
+    for name, param in model.named_parameters():
+        if model.prefix in name:
+            continue  # the LoRA tensors themselves
+        if ".original_module." in name or ".modules_to_save." in name:
+            wrapper_name, _, rest = name.partition(".original_module." if ".original_module." in name
+                                                   else ".modules_to_save.")
+            wrapper = model.get_submodule(wrapper_name)
+            kept = next((adapter for adapter in adapters if adapter in wrapper.modules_to_save), None)
+            copy_of = None if ".original_module." in name else rest.split(".", 1)[0]
+            if copy_of != kept:
+                continue  # the original when a copy stands in for it, and every other adapter's copy
+        vllm_name = name.removeprefix("base_model.model.").replace(".base_layer", "").replace("original_module.", "")
+        vllm_name = re.sub(r"modules_to_save\.[^.]+\.", "", vllm_name).replace("_checkpoint_wrapped_module.", "")
+        owner = model.get_submodule(name.removesuffix(".base_layer.weight")) if name.endswith(
+            ".base_layer.weight") else None
+        deltas = [a for a in adapters if isinstance(owner, LoraLayer) and a in owner.scaling]
+        if deltas:
+            with dist.gather_params(list(owner.parameters())):
+                weight = param.data
+                for adapter in deltas:  # PEFT's `weight += delta`: the sum at the delta's precision, rounded once
+                    weight = (weight + owner.get_delta_weight(adapter)).to(param.dtype)
+                yield vllm_name, weight
+        else:
+            with dist.gather_params([param]):
+                yield vllm_name, param.data
+
+
+def push_peft_policy_without_merging(vllm_generation) -> bool:
+    """Make TRL push a PEFT policy to vLLM without merging its adapter into the base weights in place.
+
+    TRL's ``VLLMGeneration._iter_named_params`` merges the adapters, reads the weights and unmerges them, which moves
+    every adapted base weight by a rounding step per push (:func:`peft_weights_for_vllm`): the policy's frozen base,
+    and AAPO's PEFT reference (that base), drift from the initial model over training. Here the merged weights are
+    computed out of place (one layer at a time) for the active plain-LoRA adapters; the "ref" adapter's copies are
+    never pushed. Not under FSDP or for other adapter types (DoRA, LoRA bias, trainable tokens), where TRL's own
+    path is kept, with the "ref" adapter's ``modules_to_save`` copies filtered out of it (vLLM does not know their
+    names). Returns whether the out-of-place push was installed.
+    """
+    model = vllm_generation.model
     iterate = vllm_generation._iter_named_params
+    adapters = [a for a in model.active_adapters if a != INITIAL_ADAPTER]
+    dist = vllm_generation._dist
+    if not dist.is_fsdp and not getattr(model.base_model, "merged", False) and all(
+        _is_plain_lora(model.peft_config[adapter]) for adapter in adapters
+    ):
+        vllm_generation._iter_named_params = lambda: peft_weights_for_vllm(model, adapters, dist)
+        return True
     initial_copy = f"modules_to_save.{INITIAL_ADAPTER}."
 
     def policy_named_params():
         for name, tensor in iterate():
-            if initial_copy not in name:
+            if initial_copy not in name:  # filtered after TRL's gathers: every rank keeps the same collectives
                 yield name, tensor
 
     vllm_generation._iter_named_params = policy_named_params
+    return False
 
 
 class PeftBaseReference:
@@ -413,15 +472,8 @@ class PeftBaseReference:
         return sample_reference_completions(trainer, self, prompt_ids)
 
     def named_weights(self, trainer):
-        """The reference weights of the PEFT policy under the checkpoint's names, the policy's adapter left alone.
-
-        The mirror image of TRL's ``VLLMGeneration._iter_named_params``, which merges the adapters in place to
-        push the policy: here the LoRA tensors are skipped and, for ``modules_to_save``, the original module
-        is kept and the trained copy dropped. With a "ref" adapter, each of its LoRA deltas is added to a copy
-        of the base weight, and its ``modules_to_save`` copies replace the originals.
-        """
-        from peft.tuners.lora import LoraLayer
-
+        """The reference weights of the PEFT policy under the checkpoint's names, the policy's adapter left alone:
+        the base weights, plus the frozen "ref" adapter's LoRA deltas and ``modules_to_save`` copies if it has one."""
         model = trainer.accelerator.unwrap_model(trainer.model)
         with_initial_adapter = INITIAL_ADAPTER in model.peft_config
         if with_initial_adapter and not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
@@ -430,29 +482,8 @@ class PeftBaseReference:
                 "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens). Use "
                 "reference_source='model', or serve the merged initial model with reference_source='vllm_server'."
             )
-        saved_copy = f"modules_to_save.{INITIAL_ADAPTER}."
-        dist = DistributedBackend(trainer.accelerator)
-        for name, param in model.named_parameters():
-            if model.prefix in name:
-                continue
-            if "modules_to_save" in name and not (with_initial_adapter and saved_copy in name):
-                continue
-            if with_initial_adapter and "original_module." in name:
-                wrapper = model.get_submodule(name.split(".original_module.")[0])
-                if INITIAL_ADAPTER in wrapper.modules_to_save:
-                    continue  # the "ref" copy stands in for it
-            vllm_name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-            vllm_name = vllm_name.replace("original_module.", "").replace(saved_copy, "")
-            vllm_name = vllm_name.replace("_checkpoint_wrapped_module.", "")
-            owner = None
-            if with_initial_adapter and name.endswith(".base_layer.weight"):
-                owner = model.get_submodule(name.removesuffix(".base_layer.weight"))
-            if isinstance(owner, LoraLayer) and INITIAL_ADAPTER in owner.scaling:
-                with dist.gather_params(list(owner.parameters())):
-                    yield vllm_name, param.data + owner.get_delta_weight(INITIAL_ADAPTER).to(param.dtype)
-            else:
-                with dist.gather_params([param]):
-                    yield vllm_name, param.data
+        adapters = (INITIAL_ADAPTER,) if with_initial_adapter else ()
+        yield from peft_weights_for_vllm(model, adapters, DistributedBackend(trainer.accelerator))
 
     def load_policy_weights(self, trainer) -> None:
         raise ValueError(
@@ -882,7 +913,8 @@ __all__ = [
     "adapter_is_identity",
     "batched_reference_unsupported",
     "frozen_copy",
-    "hide_initial_adapter_from_policy_sync",
+    "peft_weights_for_vllm",
+    "push_peft_policy_without_merging",
     "initial_policy_model",
     "keep_initial_adapter",
     "make_reference",

@@ -18,6 +18,7 @@ from _training import (
     peft_policy_with_a_trained_adapter,
     perturb_adapter_,
 )
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
 from aapo_trl.reference import (
@@ -96,6 +97,40 @@ def test_colocated_peft_reference_weights_are_the_merged_initial_policy(tiny_mod
         torch.testing.assert_close(tensor, expected[name])
     assert any(not torch.equal(weights[n], p) for n, p in
                AutoModelForCausalLM.from_pretrained(tiny_model_path).named_parameters())  # not the base
+
+
+def test_peft_weights_for_vllm_merge_out_of_place_and_leave_the_base_bit_exact(tiny_model_path):
+    """The policy push of a PEFT policy (push_peft_policy_without_merging): the merged weights without touching the
+    base, where PEFT's in-place merge/unmerge round trip moves a bf16 base by a rounding step."""
+    from peft import LoraConfig, get_peft_model
+    from trl.distributed import DistributedBackend
+
+    from aapo_trl.reference import peft_weights_for_vllm
+
+    lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                      task_type="CAUSAL_LM")
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16), lora)
+    perturb_adapter_(policy, seed=3)
+    with torch.no_grad():
+        policy.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.25)
+    base_before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    merged = dict(copy.deepcopy(policy).merge_and_unload().named_parameters())
+    base = {n: p for n, p in AutoModelForCausalLM.from_pretrained(tiny_model_path,
+                                                                  dtype=torch.bfloat16).named_parameters()}
+    dist = DistributedBackend(Accelerator())
+
+    pushed = dict(peft_weights_for_vllm(policy, ["default"], dist))
+    assert set(pushed) == set(merged)  # vLLM's names: no LoRA tensors, no PEFT prefixes
+    for name in merged:
+        assert torch.equal(pushed[name], merged[name]), name  # the same arithmetic as PEFT's merge
+    assert all(torch.equal(p, base_before[n]) for n, p in policy.named_parameters())  # nothing moved
+    base_only = dict(peft_weights_for_vllm(policy, [], dist))
+    assert set(base_only) == set(base) and all(torch.equal(base_only[n], base[n]) for n in base)
+
+    policy.merge_adapter()  # what TRL's own push does, for contrast
+    policy.unmerge_adapter()
+    drifted = [n for n, p in policy.named_parameters() if not torch.equal(p, base_before[n])]
+    assert drifted and all(".base_layer." in n for n in drifted)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -490,11 +490,12 @@ def test_colocate_mode_with_peft_swaps_in_the_unmerged_base_weights(tiny_model_p
 
     policy_load, reference_load = loads
     assert set(policy_load) == set(reference_load) == set(base)  # vLLM's names: no LoRA tensors, no PEFT prefixes
-    # the reference is the base model (up to the ~1e-7 that TRL's merge/unmerge round trip of the policy sync
-    # leaves in the base weights) ...
+    # the reference is the base model, bit for bit: the policy push before it merged the adapter out of place
+    # (push_peft_policy_without_merging), where TRL's merge/unmerge round trip would have moved the base ...
+    assert trainer.peft_push_without_merging
     for name in base:
-        torch.testing.assert_close(reference_load[name], base[name], rtol=0, atol=1e-6)
-    # ... while the policy pushed by TRL has the adapters merged in
+        assert torch.equal(reference_load[name], base[name]), name
+    # ... while the policy pushed has the adapters merged in
     lora_targets = [n for n in base if "q_proj" in n or "v_proj" in n]
     assert all((policy_load[n] - base[n]).abs().max() > 1e-3 for n in lora_targets)
     assert all(torch.equal(policy_load[n], base[n]) for n in base if n not in lora_targets)

@@ -21,7 +21,6 @@ from ..reference import (
     INITIAL_ADAPTER,
     FrozenCopyReference,
     PeftBaseReference,
-    hide_initial_adapter_from_policy_sync,
     make_reference,
     mixed_adapter_rows,
     reference_rows_adapter,
@@ -126,9 +125,6 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
         # "batched": the reference's rows ride in the policy's generate call (_generate_single_turn)
         self.reference_generation = resolve_reference_generation(self)
         self._batched_reference: dict | None = None
-        with_initial_adapter = is_peft_model(self.model) and INITIAL_ADAPTER in self.model.peft_config
-        if with_initial_adapter and getattr(self, "vllm_generation", None) is not None:
-            hide_initial_adapter_from_policy_sync(self.vllm_generation)
         self.reference_updated_at_step = 0
         if args.ref_update_steps is not None:
             if is_peft_model(self.model):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.extras.profiling import profiling_context
@@ -31,6 +32,7 @@ from ..advantages import (
     zero_advantage_groups,
     zero_final_advantage_groups,
 )
+from ..reference import push_peft_policy_without_merging
 from ..checkpointing import atomic_write_json, mark_checkpoint_complete, resolve_resume_checkpoint
 from ..configs import CE_LOSS_TYPES
 from ..model_card import ModelCardMixin
@@ -92,6 +94,9 @@ class AdvantageTrainerMixin(ModelCardMixin):
         if kwargs.get("environment_factory") is None:
             validate_training_dataset(kwargs.get("train_dataset"), funcs, "train_dataset")
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
+        if getattr(self, "vllm_generation", None) is not None and is_peft_model(self.model):
+            # the frozen base stays bit-exact over training (no in-place merge/unmerge per weight push)
+            self.peft_push_without_merging = push_peft_policy_without_merging(self.vllm_generation)
         self.greso_filter: GRESOFilter | None = None
         self._greso_sampler: GRESORepeatSampler | None = None
         if getattr(self.args, "greso", False):

@@ -89,7 +89,8 @@ def test_aapo_vllm_colocate_samples_the_reference_weights_after_training_and_aft
     last = reference_calls[2]
     assert last["completions"] == [updated[tuple(p)] for p in last["prompts"]]
     assert last["completions"] != [initial[tuple(p)] for p in last["prompts"]]
-    assert result["engine_holds"] == {"last_sync": False, "initial": False}  # left holding the updated reference
+    # left holding the updated reference, which is the policy pushed at step 2 (not the checkpoint)
+    assert result["engine_holds"] == {"last_sync": True, "initial": False}
 
 
 @pytest.mark.slow
@@ -102,6 +103,8 @@ def test_aapo_vllm_colocate_with_peft_samples_the_base_weights(embedded_model_pa
 
     assert result["peft"] and result["global_step"] == 2 and result["syncs"] == 2
     assert result["policy_moved"][1:] == [True, True]  # the adapter's projections; the norm has no adapter
+    # the base weights bit for bit, also after the policy's merged pushes (made out of place: TRL's in-place
+    # merge/unmerge would move them by a rounding step per push, enough to flip a near tie of this model)
     assert [load["initial"] for load in result["reference_loads"]] == [True, True]
     calls = result["calls"]
     assert [call["step"] for call in calls] == [0, 0, 1, 1]
