@@ -66,7 +66,7 @@ install-vllm: $(VLLM_VENV)/.installed
 # The real engine, and the lower end of setup.cfg's transformers range (5.17) under the trainers' glue and the
 # references. .ci/run runs it after `make test`. Two workers, one thread each: every real-engine test is a few
 # engine loads and training steps of the embedded model, and two of them fit the two cores side by side.
-VLLM_ENV_TESTS := tests/vllm_engine tests/test_advantages.py tests/test_trainers.py tests/test_reference.py
+VLLM_ENV_TESTS := tests/vllm_engine tests/test_advantages.py tests/test_trainers.py tests/test_reference.py tests/test_recipes.py
 
 test-vllm: install-vllm
 	$(VLLM_PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 $(VLLM_ENV_TESTS)

@@ -246,6 +246,7 @@ def _evaluate_in_subprocess(config, args: argparse.Namespace) -> dict[str, Any]:
         ("--system-prompt", config.system_prompt), ("--max-samples", config.max_samples),
         ("--data-dir", config.data_dir), ("--backend", config.backend), ("--dtype", config.dtype),
         ("--gpu-memory-utilization", config.gpu_memory_utilization), ("--max-model-length", config.max_model_length),
+        ("--max-num-batched-tokens", config.max_num_batched_tokens),
         ("--tensor-parallel-size", config.tensor_parallel_size), ("--data-parallel-size", config.data_parallel_size),
         ("--lighteval-output-dir", config.output_dir), ("--scoring", config.scoring),
     ):

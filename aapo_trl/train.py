@@ -97,10 +97,48 @@ def render_recipe(parsed, argv: list[str], algorithm: str | None = None) -> str:
     return render_recipe_with_defaults(parsed, argv, algorithm, defaults=embedded_defaults(algorithm))
 
 
+def checkpointing_field_renames() -> dict[str, str]:
+    """Field names the recipes may use that the installed transformers spells differently.
+
+    transformers 5.18 renamed ``gradient_checkpointing(_kwargs)`` to ``activation_checkpointing(_kwargs)`` (the old
+    names stay as aliases). The recipes use the new names; vLLM 0.31, the newest TRL 1.16 supports, needs
+    transformers < 5.18, which only knows the old ones. Empty when the installed ``TrainingArguments`` has the new
+    names."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}:
+        return {}
+    return {"activation_checkpointing": "gradient_checkpointing",
+            "activation_checkpointing_kwargs": "gradient_checkpointing_kwargs"}
+
+
+class _Parser(TrlParser):
+    """TRL's parser, taking the recipes' field names on every transformers of setup.cfg's range."""
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        renames = checkpointing_field_renames()
+        return super().set_defaults_with_config(**{renames.get(key, key): value for key, value in kwargs.items()})
+
+    def parse_args_into_dataclasses(self, args=None, *more, **kwargs):
+        renames = checkpointing_field_renames()
+        if args is not None and renames:
+            args = [_renamed_flag(item, renames) for item in args]
+        return super().parse_args_into_dataclasses(args, *more, **kwargs)
+
+
+def _renamed_flag(item: str, renames: dict[str, str]) -> str:
+    if not item.startswith("--"):
+        return item
+    name, equals, value = item[2:].partition("=")
+    return f"--{renames.get(name, name)}{equals}{value}"
+
+
 def build_parser(algorithm: str) -> TrlParser:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-    return TrlParser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig))
+    return _Parser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig))
 
 
 def parse_args(algorithm: str, argv: list[str] | None = None):

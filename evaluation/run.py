@@ -155,6 +155,7 @@ class EvalConfig:
     # vLLM
     gpu_memory_utilization: float = 0.9
     max_model_length: int | None = None
+    max_num_batched_tokens: int | None = None
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs / torch.compile (a CPU engine compiles for minutes without it)
@@ -366,6 +367,7 @@ def _model_config(config: EvalConfig, cache_dir: str):
             data_parallel_size=config.data_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_length=config.max_model_length,
+            max_num_batched_tokens=config.max_num_batched_tokens,
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
             enforce_eager=config.enforce_eager,
@@ -721,6 +723,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                               "lighteval's largest-that-fits probe on GPU)")
     backend.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     backend.add_argument("--max-model-length", type=int, default=None)
+    backend.add_argument("--max-num-batched-tokens", type=int, default=None,
+                         help="vLLM: tokens per engine step (default: vLLM's); on a CPU at least --max-model-length")
     backend.add_argument("--tensor-parallel-size", type=int, default=1)
     backend.add_argument("--data-parallel-size", type=int, default=1)
     backend.add_argument("--enforce-eager", action="store_true",
@@ -771,6 +775,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> EvalConfig:
         trust_remote_code=args.trust_remote_code,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_length=args.max_model_length,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=args.data_parallel_size,
         enforce_eager=args.enforce_eager,

