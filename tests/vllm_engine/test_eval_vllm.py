@@ -51,6 +51,7 @@ def test_the_vllm_backend_evaluates_what_the_transformers_backend_evaluates(embe
                   "--max-num-batched-tokens", "512")
 
     assert vl["backend"] == "vllm" and hf["backend"] == "transformers"
+    assert vl["device"] == "cpu (vLLM)"
     assert vl["protocol"] | {"top_k": None} == hf["protocol"] | {"top_k": None}  # top_k: 0 means "off" for both
     aime_vl, aime_hf = vl["benchmarks"]["aime24"], hf["benchmarks"]["aime24"]
     assert aime_vl["num_problems"] == aime_hf["num_problems"] == PROBLEMS and aime_vl["subset"]
