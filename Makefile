@@ -29,7 +29,7 @@ demo: install
 # Each test file runs whole on one worker (its module fixtures built once); tests/conftest.py starts the longest
 # files first so that neither worker is left with a long file at the end.
 test: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 clean:
 	rm -rf $(VENV) outputs
