@@ -151,4 +151,6 @@ def test_protocols_and_settings():
 
 def test_vllm_environment_requirements_are_shipped():
     text = (Path(__file__).resolve().parents[1] / "evaluation" / "requirements-vllm.txt").read_text()
-    assert "lighteval[vllm]==0.13.0" in text and "xxhash<4" in text
+    requirements = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    # lighteval without its vllm extra (it pins vllm<0.10.2): the runner's own backend runs TRL 1.16's vLLM range
+    assert {"lighteval==0.13.0", "vllm>=0.22,<=0.31", "xxhash<4"} <= set(requirements)
