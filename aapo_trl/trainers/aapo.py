@@ -18,7 +18,6 @@ from ..advantages import aapo_advantages, advantage_margins, combine_reward_func
 from ..configs import AAPOConfig
 from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
 from ..reference import (
-    INITIAL_ADAPTER,
     FrozenCopyReference,
     PeftBaseReference,
     make_reference,

@@ -86,6 +86,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
     """Mixed in before ``trl.GRPOTrainer``; subclasses implement :meth:`compute_advantages`."""
 
     _last_scored: ScoredBatch | None = None
+    peft_push_without_merging = False  # set in __init__ for a PEFT policy on vLLM (push_peft_policy_without_merging)
 
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
         on_error = getattr(args, "reward_errors", "error")
