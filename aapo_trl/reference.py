@@ -25,7 +25,7 @@ completion (token ids) per prompt row:
 
 With a PEFT policy the ``"model"`` source need not sample at all: by default (``reference_generation``) the
 trainer appends the reference's rows to the policy's own ``generate`` call as a PEFT mixed-adapter batch
-(:func:`mixed_adapter_rows`, :func:`reference_rows_adapter`, :func:`resolve_reference_generation`), and
+(:func:`adapter_row_blocks`, :func:`reference_rows_adapter`, :func:`resolve_reference_generation`), and
 :meth:`PeftBaseReference.sample` is the separate path kept as the fallback.
 
 Every sampler uses the policy's sampling settings (TRL's ``generation_config`` or its vLLM settings).
@@ -573,30 +573,72 @@ def _inject_adapter_names(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
-@contextmanager
-def mixed_adapter_rows(model, adapter_names: list[str]):
-    """Run row ``i`` of every forward of the PEFT ``model`` with the adapter ``adapter_names[i]`` ("__base__": none).
+def _add_adapter_to_row_blocks(module, args, kwargs, output, blocks):
+    """Add each block's LoRA delta to its rows of ``module``'s adapters-off output, as PEFT's plain forward would.
 
-    PEFT's ``generate(adapter_names=...)`` registers this same pre-forward hook on every LoRA layer and
-    ``modules_to_save`` wrapper, but refuses a model in training mode (mixed batches cannot be trained). TRL
-    samples the policy in training mode, under ``no_grad``, and the separate reference sampler runs the PEFT
-    policy in the same mode: registering the hooks here keeps each row's computation what it would be alone
-    (LoRA dropout included), with the mode left alone.
+    The arithmetic is PEFT 0.21's vanilla ``Linear.forward`` (input cast to the adapter's dtype, ``lora_B(lora_A(
+    dropout(x))) * scaling`` added to the base output in the base output's dtype), on a view of the block's rows.
+    """
+    x = args[0] if args else kwargs["x"]
+    for adapter, start, stop in blocks:
+        if adapter not in module.lora_A:  # the base's rows, or an adapter that does not target this layer
+            continue
+        lora_A = module.lora_A[adapter]
+        rows = module._cast_input_dtype(x[start:stop], lora_A.weight.dtype)
+        output[start:stop] += module.lora_B[adapter](lora_A(module.lora_dropout[adapter](rows))) * module.scaling[adapter]
+    return output
+
+
+def _runs_row_blocks(module, adapters) -> bool:
+    """A plain LoRA ``Linear`` (PEFT's own class, no variant for these adapters): its rows can be sliced, not gathered."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return type(module) is LoraLinear and not set(adapters) & set(module.lora_variant)
+
+
+@contextmanager
+def adapter_row_blocks(model, blocks: list[tuple[str, int]]):
+    """Run consecutive blocks of rows of every forward of the PEFT ``model`` with one adapter each.
+
+    ``blocks`` lists ``(adapter, rows)`` in batch order; the adapter ``"__base__"`` runs the rows with every adapter
+    off. This is PEFT's mixed-adapter batch (``generate(adapter_names=...)``) for rows grouped by adapter, at the
+    cost of a plain LoRA layer: PEFT's per-row path builds index lists in Python, gathers every adapter's rows and
+    scatters them back in every LoRA layer at every decoding step (on a GPU, host-to-device copies of the
+    indices each time); here each plain LoRA ``Linear`` runs its base layer on the whole batch and adds each
+    adapter's delta to a view of its block. Other adapted modules (LoRA embeddings or convolutions,
+    ``modules_to_save`` copies) keep PEFT's per-row path.
+
+    PEFT's ``generate(adapter_names=...)`` also refuses a model in training mode (mixed batches cannot be
+    trained). TRL samples the policy in training mode, under ``no_grad``, and the separate reference sampler runs
+    the PEFT policy in the same mode: the hooks here keep each row's computation what it would be alone (LoRA
+    dropout included), with the mode left alone.
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
 
-    hook = functools.partial(_inject_adapter_names, adapter_names=adapter_names)
-    handles = [
-        module.register_forward_pre_hook(hook, with_kwargs=True)
-        for module in model.modules()
-        if isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper))
-    ]
+    spans, adapter_names, start = [], [], 0
+    for adapter, rows in blocks:
+        spans.append((adapter, start, start + rows))
+        adapter_names += [adapter] * rows
+        start += rows
+    adapters = [adapter for adapter, _ in blocks]
+    add_blocks = functools.partial(_add_adapter_to_row_blocks, blocks=spans)
+    per_row = functools.partial(_inject_adapter_names, adapter_names=adapter_names)
+    handles, switched_off = [], []
     try:
+        for module in model.modules():
+            if isinstance(module, LoraLayer) and _runs_row_blocks(module, adapters):
+                switched_off.append((module, module._disable_adapters))
+                module._disable_adapters = True  # PEFT's forward returns the base layer's output; the hook adds
+                handles.append(module.register_forward_hook(add_blocks, with_kwargs=True))
+            elif isinstance(module, (LoraLayer, AuxiliaryTrainingWrapper)):
+                handles.append(module.register_forward_pre_hook(per_row, with_kwargs=True))
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module, disabled in switched_off:
+            module._disable_adapters = disabled
 
 
 def _reference_server_generation_class():
@@ -911,6 +953,7 @@ __all__ = [
     "PeftBaseReference",
     "VLLMServerReference",
     "adapter_is_identity",
+    "adapter_row_blocks",
     "batched_reference_unsupported",
     "frozen_copy",
     "peft_weights_for_vllm",
@@ -918,7 +961,6 @@ __all__ = [
     "initial_policy_model",
     "keep_initial_adapter",
     "make_reference",
-    "mixed_adapter_rows",
     "mixed_batch_unsupported",
     "prepare_reference_model",
     "reference_rows_adapter",

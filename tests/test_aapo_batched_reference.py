@@ -29,7 +29,7 @@ from _training import (
 )
 from transformers import AutoModelForCausalLM
 
-from aapo_trl.reference import mixed_batch_unsupported
+from aapo_trl.reference import adapter_row_blocks, mixed_batch_unsupported
 
 NUM_GENERATIONS = 3  # aapo_test_config's
 
@@ -208,3 +208,47 @@ def test_mixed_batches_need_unmerged_plain_lora_and_supported_modules_to_save(ti
     merged = peft_model(lora())
     merged.merge_adapter()
     assert "merged" in mixed_batch_unsupported(merged)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the row-block forward against PEFT's own mixed-adapter batch
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_row_blocks_compute_what_peft_mixed_batches_compute_without_its_per_row_lora_path(tiny_model_path,
+                                                                                          monkeypatch):
+    """Three blocks (the trained adapter, a second adapter, the base) with an ``lm_head`` copy in modules_to_save:
+    every row's logits are PEFT's ``adapter_names`` forward's, no plain LoRA layer takes PEFT's per-row path, and
+    the model is left as it was."""
+    from peft import get_peft_model
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora(modules_to_save=["lm_head"]))
+    model.add_adapter("ref", lora(modules_to_save=["lm_head"]))
+    perturb_adapter_(model, "default", seed=1)
+    perturb_adapter_(model, "ref", seed=2)
+    model.eval()  # PEFT refuses adapter_names in training mode
+    input_ids = torch.randint(0, model.config.vocab_size, (7, 5), generator=torch.Generator().manual_seed(0))
+    names = ["default"] * 3 + ["ref"] * 2 + ["__base__"] * 2
+    with torch.no_grad():
+        before = model(input_ids=input_ids).logits
+        peft_mixed = model(input_ids=input_ids, adapter_names=names).logits
+
+        def no_per_row_lora(*args, **kwargs):
+            raise AssertionError("a plain LoRA Linear took PEFT's per-row path")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(LoraLinear, "_mixed_batch_forward", no_per_row_lora)
+            with adapter_row_blocks(model, [("default", 3), ("ref", 2), ("__base__", 2)]):
+                blocks = model(input_ids=input_ids).logits
+        after = model(input_ids=input_ids).logits
+
+    torch.testing.assert_close(blocks, peft_mixed, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(blocks[:3], before[:3], atol=1e-6, rtol=1e-6)  # the active adapter's rows
+    for other in (slice(3, 5), slice(5, 7)):  # the other blocks really ran other weights
+        assert (blocks[other] - before[other]).abs().max() > 1e-2
+    assert torch.equal(after, before)
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+        if isinstance(module, LoraLinear):
+            assert not module.disable_adapters

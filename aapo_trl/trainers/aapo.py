@@ -20,8 +20,8 @@ from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollou
 from ..reference import (
     FrozenCopyReference,
     PeftBaseReference,
+    adapter_row_blocks,
     make_reference,
-    mixed_adapter_rows,
     reference_rows_adapter,
     resolve_reference_generation,
 )
@@ -241,8 +241,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                                                  has_tool_images)
         model = self.accelerator.unwrap_model(self.model)
         rows = len(prompt_ids)
-        adapter_names = [model.active_adapter] * rows + [reference_rows_adapter(model)] * rows
-        with mixed_adapter_rows(model, adapter_names):
+        with adapter_row_blocks(model, [(model.active_adapter, rows), (reference_rows_adapter(model), rows)]):
             completion_ids, logprobs = super()._generate_single_turn(
                 list(prompt_ids) + list(prompt_ids), images, multimodal_fields, num_generations, has_tool_images
             )
