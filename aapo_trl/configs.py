@@ -392,16 +392,15 @@ class AAPOConfig(
             vllm_mode="colocate"`) with the reference weights loaded into it for reference generation; the policy
             weights are pushed back before the next policy generation. `"cache"`: the `ref_rewards` column written
             by `aapo-trl ref-rollouts` (see `ref_rollouts_path`).
-        reference_generation (`str`, *optional*, defaults to `"separate"`):
+        reference_generation (`str`, *optional*, defaults to `"auto"`):
             With a PEFT policy and `reference_source="model"` on transformers generation, `"batched"` samples the
-            reference's completions in the policy's own `generate` call, one row per prompt row next to the policy's,
-            with PEFT's mixed-adapter batches (reference rows run the adapters-off base, or the frozen copy of the
-            initial adapter `"ref"`): the same weights and sampling settings per row as `"separate"`, which runs a
-            second `generate` call for the reference. `"auto"` is `"batched"` wherever it applies (plain LoRA
-            adapters, unmerged, no vLLM, tools or vision inputs) and `"separate"` elsewhere; an explicit `"batched"`
-            that cannot apply is an error. The default is `"separate"` because measured, the batched call did not
-            save time: PEFT's per-row adapter selection costs about what the second call saves (docs/RESULTS.md,
-            section 2: 1.34x GRPO-LoRA batched against 1.25x separate on an H200).
+            reference's completions in the policy's own `generate` call, one row per prompt row next to the policy's
+            (reference rows run the adapters-off base, or the frozen copy of the initial adapter `"ref"`): the same
+            weights and sampling settings per row as `"separate"`, which runs a second `generate` call for the
+            reference. `"auto"` (the default) is `"batched"` wherever it applies (plain LoRA adapters, unmerged, no
+            vLLM, tools or vision inputs) and `"separate"` elsewhere; an explicit `"batched"` that cannot apply is an
+            error. The batched call's generation batch is twice as tall (twice the KV cache of one call); set
+            `"separate"` where that memory matters more than the time (docs/RESULTS.md, section 2).
         reference_vllm_server_base_url (`str`, *optional*):
             Base URL of the reference vLLM server (e.g. `"http://localhost:8001"`); overrides host and port.
         reference_vllm_server_host (`str`, *optional*):
@@ -492,14 +491,14 @@ class AAPOConfig(
     )
     REFERENCE_GENERATIONS = ("auto", "batched", "separate")  # not a field: no annotation
     reference_generation: str = field(
-        default="separate",
+        default="auto",
         metadata={
             "help": "PEFT policy with reference_source='model': 'batched' samples the reference rows in the policy's "
-            "own generate call (PEFT mixed-adapter batch: reference rows run the adapters-off base or the frozen "
-            "initial adapter 'ref'; same weights and sampling settings per row as 'separate'); 'separate' runs a "
-            "second generate call for the reference (the default: measured, batching saved no time). 'auto': "
-            "'batched' where it applies (plain unmerged LoRA, transformers generation, no tools or vision inputs), "
-            "else 'separate'. An explicit 'batched' that cannot apply is an error.",
+            "own generate call (reference rows run the adapters-off base or the frozen initial adapter 'ref'; same "
+            "weights and sampling settings per row as 'separate'); 'separate' runs a second generate call for the "
+            "reference (half the generation batch, hence half its KV cache). 'auto' (the default): 'batched' where "
+            "it applies (plain unmerged LoRA, transformers generation, no tools or vision inputs), else 'separate'. "
+            "An explicit 'batched' that cannot apply is an error.",
             "choices": list(REFERENCE_GENERATIONS),
         },
     )

@@ -24,7 +24,7 @@ completion (token ids) per prompt row:
   here imports it.
 
 With a PEFT policy the ``"model"`` source need not sample at all: by default (``reference_generation``) the
-trainer appends the reference's rows to the policy's own ``generate`` call as a PEFT mixed-adapter batch
+trainer appends the reference's rows to the policy's own ``generate`` call, a block of rows per adapter
 (:func:`adapter_row_blocks`, :func:`reference_rows_adapter`, :func:`resolve_reference_generation`), and
 :meth:`PeftBaseReference.sample` is the separate path kept as the fallback.
 

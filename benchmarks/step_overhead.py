@@ -17,10 +17,11 @@ aapo_cache      AAPOTrainer, reference_source="cache" (aapo-trl            grpo 
                 ref-rollouts run once before the benchmark, not timed)
 grpo_peft       GRPO with LoRA (r 16, all linear layers)                   -           -
 aapo_peft       AAPOTrainer with LoRA, reference = adapters switched off,  grpo_peft   <= 1.12
-                its rows in the policy's generate call (PEFT mixed-adapter
-                batch, reference_generation="batched")
+                its rows in the policy's generate call (row blocks,
+                reference_generation="batched": what the default "auto"
+                picks here)
 aapo_peft_sep   the same with reference_generation="separate" (a second    grpo_peft   -
-                generate call for the reference: the default path)
+                generate call for the reference: the fallback path)
 zapo            ZAPOTrainer (its own reward, final_number_zapo); DAER's    grpo        <= 1.03
                 statistics recorded while generating (the default)
 zapo_forward    ZAPOTrainer, zapo_statistics_source="forward": DAER's      grpo        -

@@ -36,7 +36,6 @@ NUM_GENERATIONS = 3  # aapo_test_config's
 
 def reference_kind_trainer(kind, tiny_model_path, tmp_path, **overrides):
     """An AAPO-LoRA trainer whose policy has trained away from its reference (adapters off, or the "ref" copy)."""
-    overrides.setdefault("reference_generation", "auto")  # the default is "separate"
     if kind == "adapters_off":  # a fresh LoRA: the reference is the base
         trainer = make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora(), **overrides)
         assert "ref" not in trainer.model.peft_config
@@ -186,8 +185,8 @@ def test_explicit_batched_without_peft_fails_before_loading_the_model(tmp_path):
 
 @pytest.mark.slow
 def test_auto_falls_back_to_separate_where_mixed_batches_do_not_apply(tiny_model_path, tmp_path):
-    # the default stays "separate": measured, the batched call saved no time (docs/RESULTS.md section 2)
-    assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora()).reference_generation == "separate"
+    # the default, "auto", is "batched" for a plain LoRA
+    assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora()).reference_generation == "batched"
     auto = {"reference_generation": "auto"}
     assert make_aapo_trainer(str(tiny_model_path), tmp_path, **auto).reference_generation == "separate"  # frozen copy
     dora = lora(use_dora=True)

@@ -230,9 +230,9 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         """TRL's transformers generation, with one reference row per prompt row appended when ``"batched"``.
 
-        PEFT's mixed-adapter batch runs the policy's rows with the trained adapter and the reference's rows with
-        the reference's (:func:`aapo_trl.reference.reference_rows_adapter`); TRL's padding, sampling settings and
-        EOS truncation apply to every row alike. The policy's rows go back to TRL; the reference's wait for
+        :func:`aapo_trl.reference.adapter_row_blocks` runs the policy's rows with the trained adapter and the
+        reference's rows with the reference's (:func:`aapo_trl.reference.reference_rows_adapter`); TRL's padding,
+        sampling settings and EOS truncation apply to every row alike. The policy's rows go back to TRL; the reference's wait for
         :meth:`_reference_rewards`.
         """
         wants_reference = self.model.training or self.args.eval_reference_rollouts
