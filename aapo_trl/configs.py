@@ -398,8 +398,8 @@ class AAPOConfig(
             (reference rows run the adapters-off base, or the frozen copy of the initial adapter `"ref"`): the same
             weights and sampling settings per row as `"separate"`, which runs a second `generate` call for the
             reference. `"auto"` (the default) is `"batched"` wherever it applies (plain LoRA adapters, unmerged, no
-            vLLM, tools or vision inputs) and `"separate"` elsewhere; an explicit `"batched"` that cannot apply is an
-            error. The batched call's generation batch is twice as tall (twice the KV cache of one call); set
+            vLLM, tools, vision inputs or beams) and `"separate"` elsewhere; an explicit `"batched"` that cannot apply
+            is an error. The batched call's generation batch is twice as tall (twice the KV cache of one call); set
             `"separate"` where that memory matters more than the time (docs/RESULTS.md, section 2).
         reference_vllm_server_base_url (`str`, *optional*):
             Base URL of the reference vLLM server (e.g. `"http://localhost:8001"`); overrides host and port.
@@ -497,8 +497,8 @@ class AAPOConfig(
             "own generate call (reference rows run the adapters-off base or the frozen initial adapter 'ref'; same "
             "weights and sampling settings per row as 'separate'); 'separate' runs a second generate call for the "
             "reference (half the generation batch, hence half its KV cache). 'auto' (the default): 'batched' where "
-            "it applies (plain unmerged LoRA, transformers generation, no tools or vision inputs), else 'separate'. "
-            "An explicit 'batched' that cannot apply is an error.",
+            "it applies (plain unmerged LoRA, transformers generation, no tools, vision inputs or beams), else "
+            "'separate'. An explicit 'batched' that cannot apply is an error.",
             "choices": list(REFERENCE_GENERATIONS),
         },
     )

@@ -549,6 +549,11 @@ def batched_reference_unsupported(trainer) -> str | None:
         return "the policy generates with tools or a rollout_func, which the reference does not use"
     if trainer._is_vlm:
         return "the policy is a vision-language model (the reference samples text prompts only)"
+    generation_config = getattr(trainer, "generation_config", None)
+    if generation_config is not None and max(generation_config.num_beams or 1,
+                                             generation_config.num_return_sequences or 1) > 1:
+        return ("the policy's generation_kwargs ask for beams or several sequences per prompt row (num_beams or "
+                "num_return_sequences > 1), which expand the rows of one generate call")
     return mixed_batch_unsupported(trainer.accelerator.unwrap_model(trainer.model))
 
 
@@ -580,17 +585,23 @@ def _add_adapter_to_row_blocks(module, args, kwargs, output, blocks):
     dropout(x))) * scaling`` added to the base output in the base output's dtype), on a view of the block's rows.
     """
     x = args[0] if args else kwargs["x"]
+    if x.size(0) != blocks[-1][2]:
+        raise RuntimeError(
+            f"adapter_row_blocks: a forward of {x.size(0)} rows inside blocks of {blocks[-1][2]} rows in all; the rows "
+            "were expanded or reordered (beams, several sequences per row), so the blocks no longer hold one adapter"
+        )
     for adapter, start, stop in blocks:
         if adapter not in module.lora_A:  # the base's rows, or an adapter that does not target this layer
             continue
         lora_A = module.lora_A[adapter]
         rows = module._cast_input_dtype(x[start:stop], lora_A.weight.dtype)
-        output[start:stop] += module.lora_B[adapter](lora_A(module.lora_dropout[adapter](rows))) * module.scaling[adapter]
+        delta = module.lora_B[adapter](lora_A(module.lora_dropout[adapter](rows))) * module.scaling[adapter]
+        output[start:stop] += delta
     return output
 
 
 def _runs_row_blocks(module, adapters) -> bool:
-    """A plain LoRA ``Linear`` (PEFT's own class, no variant for these adapters): its rows can be sliced, not gathered."""
+    """A plain LoRA ``Linear`` (PEFT's own class, no variant for these adapters): its rows are sliced, not gathered."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     return type(module) is LoraLinear and not set(adapters) & set(module.lora_variant)

@@ -189,6 +189,9 @@ def test_auto_falls_back_to_separate_where_mixed_batches_do_not_apply(tiny_model
     assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora()).reference_generation == "batched"
     auto = {"reference_generation": "auto"}
     assert make_aapo_trainer(str(tiny_model_path), tmp_path, **auto).reference_generation == "separate"  # frozen copy
+    beams = {"generation_kwargs": {"do_sample": False, "num_beams": 2}}
+    assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=lora(),
+                             **beams).reference_generation == "separate"
     dora = lora(use_dora=True)
     assert make_aapo_trainer(str(tiny_model_path), tmp_path, peft_config=dora, **auto).reference_generation == "separate"
     with pytest.raises(ValueError, match="reference_generation='batched'.*not a plain LoRA"):
@@ -241,6 +244,9 @@ def test_row_blocks_compute_what_peft_mixed_batches_compute_without_its_per_row_
             with adapter_row_blocks(model, [("default", 3), ("ref", 2), ("__base__", 2)]):
                 blocks = model(input_ids=input_ids).logits
         after = model(input_ids=input_ids).logits
+
+        with adapter_row_blocks(model, [("default", 3), ("ref", 2)]), pytest.raises(RuntimeError, match="7 rows"):
+            model(input_ids=input_ids)  # rows the blocks do not describe: a clear error, never the wrong adapter
 
     torch.testing.assert_close(blocks, peft_mixed, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(blocks[:3], before[:3], atol=1e-6, rtol=1e-6)  # the active adapter's rows

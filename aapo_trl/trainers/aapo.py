@@ -232,8 +232,8 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
         :func:`aapo_trl.reference.adapter_row_blocks` runs the policy's rows with the trained adapter and the
         reference's rows with the reference's (:func:`aapo_trl.reference.reference_rows_adapter`); TRL's padding,
-        sampling settings and EOS truncation apply to every row alike. The policy's rows go back to TRL; the reference's wait for
-        :meth:`_reference_rewards`.
+        sampling settings and EOS truncation apply to every row alike. The policy's rows go back to TRL; the
+        reference's wait for :meth:`_reference_rewards`.
         """
         wants_reference = self.model.training or self.args.eval_reference_rollouts
         if self.reference_generation != "batched" or not wants_reference:
