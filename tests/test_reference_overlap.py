@@ -325,7 +325,7 @@ def test_the_training_thread_waits_at_most_the_time_out(monkeypatch):
         never.set()
 
 
-def test_close_cancels_senderthat_have_not_started(monkeypatch):
+def test_close_cancels_senders_that_have_not_started(monkeypatch):
     monkeypatch.setattr(reference_overlap, "gather_object", lambda local: local)
     gate = threading.Event()
     client = FakeClient(answer=answer_per_row, block=gate)
