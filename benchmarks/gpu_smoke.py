@@ -349,7 +349,7 @@ def run_variant(name: str, args, model_path: Path, work_dir: Path) -> dict:
             reference_before = reference_snapshot(trainer, probe)
             policy_before = policy_logits(trainer, probe)
             result["reference_kind"] = trainer.reference.kind
-            result["reference_generation"] = trainer.reference_generation  # aapo_peft: the default "auto", i.e. "batched"
+            result["reference_generation"] = trainer.reference_generation  # aapo_peft: "batched" (the default "auto")
 
         trainer.train()
 
