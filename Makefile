@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # --no-compile: byte-compiling all ~21k installed modules costs about a minute of CPU; Python compiles the few
-# thousand the suite imports on first use instead.
+# thousand the suite imports on first use instead, and caches them: PYTHONDONTWRITEBYTECODE (set on some CI images)
+# would make every test process that launches a training recompile torch, transformers and TRL from source, ~10 s each.
 INSTALL := $(PIP) install --quiet --no-compile
+unexport PYTHONDONTWRITEBYTECODE
 # pytest-xdist workers for `make test`: two fit the two-core machines this is run on (each at one torch thread).
 TEST_WORKERS ?= 2
 
