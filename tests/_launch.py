@@ -41,21 +41,33 @@ def rank_results(out_dir: Path) -> list[dict]:
     return sorted((json.loads(p.read_text()) for p in out_dir.glob("rank*.json")), key=lambda r: r["rank"])
 
 
-# One port per algorithm, apart from every other launch in the suite: under xdist this run may overlap any of them.
-SINGLE_PROCESS_PORTS = {"aapo": 29561, "zapo": 29571}
+#: A LoRA policy (perturbed by multiprocess_run.py) with the reference rows sampled in its own generate call. Rank 8:
+#: its hashed rewards vary over the rows and differ from the reference's, so the advantages compared are not all 0.
+BATCHED_LORA = {"lora": {"r": 8, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"},
+                "reference_generation": "batched"}
+
+#: The one-process runs that others compare against: name -> (algorithm, overrides, port). One port each, apart from
+#: every other launch in the suite: under xdist these runs may overlap any of them.
+SINGLE_PROCESS_RUNS = {
+    "aapo": ("aapo", {}, 29561),
+    "zapo": ("zapo", {}, 29571),
+    "aapo_lora_batched": ("aapo", BATCHED_LORA, 29591),
+}
 
 
-def shared_single_process_run(algorithm: str, model_path, shared_dir: Path) -> list[dict]:
-    """``launch(algorithm, 1, ...)`` under cpu_2proc.yaml, run once per test session and read by every test that
-    compares against it (tests/test_multiprocess.py and tests/test_deepspeed.py). ``shared_dir`` is seen by all
-    xdist workers: the first to ask runs it while holding the lock, the others wait and read its results."""
+def shared_single_process_run(name: str, model_path, shared_dir: Path) -> list[dict]:
+    """``launch(algorithm, 1, ...)`` under cpu_2proc.yaml for ``SINGLE_PROCESS_RUNS[name]``, run once per test session
+    and read by every test that compares against it (tests/test_multiprocess.py, tests/test_deepspeed.py and
+    tests/test_aapo_batched_reference.py). ``shared_dir`` is seen by all xdist workers: the first to ask runs it
+    while holding the lock, the others wait and read its results."""
     from filelock import FileLock
 
-    out_dir = shared_dir / f"single-process-{algorithm}"
+    algorithm, overrides, port = SINGLE_PROCESS_RUNS[name]
+    out_dir = shared_dir / f"single-process-{name}"
     with FileLock(f"{out_dir}.lock"):
         if not (out_dir / "rank0.json").exists():
             shutil.rmtree(out_dir, ignore_errors=True)  # what a failed earlier attempt left
-            return launch(algorithm, 1, model_path, out_dir, port=SINGLE_PROCESS_PORTS[algorithm])
+            return launch(algorithm, 1, model_path, out_dir, overrides=overrides, port=port)
         return rank_results(out_dir)
 
 
@@ -67,4 +79,16 @@ def assert_same_as_single_process(single, double):
     assert len(double[0]["local_advantages"]) == 3  # rows 0-2 on rank 0: the group of rows 2 and 3 spans ranks
     stitched = double[0]["local_advantages"] + double[1]["local_advantages"]
     assert stitched == pytest.approx(single[0]["local_advantages"], abs=1e-5)
+    for rows in ("completion_ids", "ref_completion_ids"):  # each rank's own rows (the reference's: AAPO online)
+        if single[0][rows] is not None:
+            assert double[0][rows] + double[1][rows] == single[0][rows], rows
     assert double[0]["logged"] == pytest.approx(single[0]["logged"], abs=1e-5)
+
+
+def assert_batched_lora_rows_are_not_trivial(single):
+    """What makes a batched-LoRA comparison mean something: the policy's rows are not the reference's, and the
+    advantages are not all 0 (the tiny model's hashed rewards can coincide)."""
+    assert all(policy != reference for policy, reference in zip(single[0]["completion_ids"],
+                                                                 single[0]["ref_completion_ids"]))
+    assert single[0]["rewards_per_func"] != single[0]["ref_rewards_per_func"]
+    assert any(abs(advantage) > 0 for advantage in single[0]["local_advantages"])

@@ -68,14 +68,14 @@ def embedded_model_path():
 
 @pytest.fixture(scope="session")
 def single_process_run(tiny_model_path, tmp_path_factory):
-    """``single_process_run("aapo")``: the one-process AAPO (or ZAPO) launch that the two-process and DeepSpeed runs
-    must reproduce, launched once per session (see tests/_launch.py)."""
+    """``single_process_run("aapo")``: a one-process launch that the two-process and DeepSpeed runs must reproduce
+    (``SINGLE_PROCESS_RUNS`` in tests/_launch.py names them), launched once per session."""
     from _launch import shared_single_process_run
 
     shared_dir = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared_dir = shared_dir.parent  # this session's folder, above each worker's own
-    return lambda algorithm: shared_single_process_run(algorithm, tiny_model_path, shared_dir)
+    return lambda name: shared_single_process_run(name, tiny_model_path, shared_dir)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _training import CPU_ARGS, PauseAfter  # noqa: E402
+from _training import CPU_ARGS, PauseAfter, exit_without_teardown  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig  # noqa: E402
@@ -91,6 +91,7 @@ def main(algorithm, model_path, out_dir, overrides="{}", pause_after="0", mode="
         "logged_keys": sorted({k for entry in trainer.state.log_history for k in entry}),
     }
     Path(out_dir, f"rank{result['rank']}.json").write_text(json.dumps(result))
+    exit_without_teardown(trainer)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from peft import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
+from _training import CPU_ARGS, Recorder, exit_without_teardown, hashed_reward, perturb_, prompt_dataset  # noqa: E402
 
 from aapo_trl.configs import AAPOConfig, ZAPOConfig  # noqa: E402
 from aapo_trl.reference import writable_gathered  # noqa: E402
@@ -74,6 +73,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         "rank": trainer.accelerator.process_index,
         "rewards_per_func": batch["rewards_per_func"].tolist(),
         "ref_rewards_per_func": batch["ref_rewards_per_func"].tolist() if "ref_rewards_per_func" in batch else None,
+        "completion_ids": batch["completion_ids"],
         "ref_completion_ids": batch.get("ref_completion_ids"),
         "entropy_inputs": {k: v.tolist() for k, v in getattr(trainer, "_last_entropy_inputs", {}).items()},
         "local_advantages": batch["advantages"].tolist(),
@@ -92,16 +92,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         if hasattr(getattr(trainer, "reference", None), "state_dict") else None,
     }
     Path(out_dir, f"rank{result['rank']}.json").write_text(json.dumps(result))
-    if torch.distributed.is_initialized():
-        # The interpreter's teardown intermittently aborts after everything above has finished ("terminate called
-        # without an active exception": a C++ thread still joinable when its owner is freed), seen under DeepSpeed
-        # 0.19's CPU backend and, with gc.freeze() keeping the process group alive to the end, under plain gloo
-        # DDP. The results are written; leave without the teardown so the launcher sees a clean exit.
-        trainer.accelerator.wait_for_everyone()
-        torch.distributed.destroy_process_group()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_without_teardown(trainer)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from _launch import assert_same_as_single_process, launch
+from _launch import (
+    BATCHED_LORA,
+    assert_batched_lora_rows_are_not_trivial,
+    assert_same_as_single_process,
+    launch,
+)
 from safetensors.torch import load_file
 
 from aapo_trl.reference import initial_policy_model, prepare_reference_model
@@ -69,6 +74,16 @@ def test_zapo_under_zero3_matches_the_plain_run(tiny_model_path, tmp_path, singl
         for rank in runs:
             torch.testing.assert_close(torch.tensor(rank["entropy_inputs"][key]),
                                        torch.tensor(plain[0]["entropy_inputs"][key]), atol=1e-4, rtol=1e-4)
+
+
+def test_batched_lora_reference_under_zero3_matches_the_plain_run(tiny_model_path, tmp_path, single_process_run):
+    """The default for a LoRA policy ("auto": the reference rows in the policy's generate call, with the row blocks'
+    hooks on its LoRA layers) on sharded weights, which TRL gathers for generation."""
+    plain = single_process_run("aapo_lora_batched")
+    runs = launch("aapo", 2, tiny_model_path, tmp_path / "zero3", config="zero3", port=29592, overrides=BATCHED_LORA)
+    assert [(rank["deepspeed_zero_stage"], rank["reference_generation"]) for rank in runs] == [(3, "batched")] * 2
+    assert_same_as_single_process(plain, runs)
+    assert_batched_lora_rows_are_not_trivial(plain)
 
 
 def test_zero3_reference_update_saved_and_resumed(tiny_model_path, tmp_path):
