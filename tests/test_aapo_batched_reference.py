@@ -15,6 +15,7 @@ copy of the initial adapter ("ref", a policy that arrived with a trained adapter
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -164,6 +165,20 @@ def test_batched_reference_under_two_processes_matches_one(tiny_model_path, tmp_
     assert [rank["reference_generation"] for rank in single + double] == ["batched"] * 3
     assert_same_as_single_process(single, double)
     assert_batched_lora_rows_are_not_trivial(single)
+
+
+def test_the_floor_benchmark_runs_every_call_and_prints_the_ratios(tiny_model_path, capsys):
+    from _scripts import load_benchmark
+
+    load_benchmark("batched_reference_floor").main(["--model", str(tiny_model_path), "--rows", "2", "--new-tokens",
+                                                     "3", "--rounds", "1"])
+    printed = capsys.readouterr().out
+    for line in ("policy x2 (GRPO-LoRA)", "row blocks: policy x2 + reference x2", "base x4 (adapters off)",
+                 "base x2 (adapters off)", "policy x4 (LoRA on every row)", "floor of an exact batched call"):
+        assert line in printed
+    ratios = dict(re.findall(r"^(row blocks / \S+).*?([\d.]+)$", printed, re.MULTILINE))
+    assert set(ratios) == {"row blocks / floor", "row blocks / GRPO-LoRA's"}
+    assert all(float(ratio) > 0 for ratio in ratios.values())
 
 
 # ------------------------------------------------------------------------------------------------------------
