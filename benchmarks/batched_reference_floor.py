@@ -2,6 +2,7 @@
 """What AAPO-LoRA's batched reference costs in one ``generate`` call, against the floor that call can reach.
 
     python benchmarks/batched_reference_floor.py [--rows 24] [--new-tokens 48] [--rounds 3] [--model embedded|tiny]
+        [--device cpu|cuda]
 
 ``benchmarks/step_overhead.py`` measures whole steps (aapo_peft against grpo_peft); this isolates the generation
 call, where the whole difference lies. The PEFT policy of the step benchmark (LoRA r 16 on every linear layer,
@@ -18,7 +19,7 @@ temperature 0.7:
 The calls are interleaved, round by round, in alternating order (as in step_overhead.py). No exact batched call can
 skip the base layers of the reference rows or the LoRA of the policy rows, so its floor is ``base x2N`` + (``policy
 xN`` - ``base xN``); the last lines print the batched call against that floor and against GRPO-LoRA's call.
-Measured in docs/RESULTS.md, section 2.
+Measured in docs/RESULTS.md, section 2. On a lent GPU: ``bash benchmarks/gpu_smoke.sh floor`` (docs/GPU_SMOKE.md).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds after one warm-up call")
     parser.add_argument("--model", default="embedded", help="embedded (SmolLM2-135M-Instruct), tiny, or a folder")
+    parser.add_argument("--device", default="cpu", help="where the model runs (fp32 either way): cpu or cuda")
     args = parser.parse_args(argv)
 
     from peft import LoraConfig, get_peft_model
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     with torch.no_grad():  # a trained adapter (PEFT initialises B to 0); what it computes does not change the cost
@@ -72,11 +74,17 @@ def main(argv: list[str] | None = None) -> None:
         f"policy x{2 * n} (LoRA on every row)": (2 * n, contextlib.nullcontext),
     }
 
+    def synchronize() -> None:  # a CUDA call returns before its kernels finish
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.synchronize()
+
     def generate(rows: int, context) -> float:
-        batch = tokenizer(texts[:rows], return_tensors="pt", padding=True)
+        batch = tokenizer(texts[:rows], return_tensors="pt", padding=True).to(args.device)
+        synchronize()
         start = time.perf_counter()
         with torch.no_grad(), context():
             model.generate(**batch, **sampling)
+        synchronize()
         return time.perf_counter() - start
 
     generate(n, contextlib.nullcontext)  # warm-up
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
 
     median = {name: statistics.median(values) for name, values in seconds.items()}
     policy, batched, base_double, base_single, _ = median.values()
-    print(f"torch threads {torch.get_num_threads()}, {args.rounds} rounds, {n} policy rows, {args.new_tokens} tokens")
+    print(f"{args.device}, torch threads {torch.get_num_threads()}, {args.rounds} rounds, {n} policy rows, "
+          f"{args.new_tokens} tokens")
     floor = base_double + (policy - base_single)
     lines = [(name, median[name], f"x{median[name] / policy:5.3f}  ({', '.join(f'{v:.2f}' for v in values)})")
              for name, values in seconds.items()]

@@ -6,6 +6,8 @@
 #                                               # benchmarks/gpu_smoke.py --device cuda ARGS...
 #   bash benchmarks/gpu_smoke.sh bench [ARGS...] # ON THE DEVICE MACHINE: step_overhead.py ARGS... on a random
 #                                               # model of the embedded model's shape
+#   bash benchmarks/gpu_smoke.sh floor [ARGS...] # ON THE DEVICE MACHINE: batched_reference_floor.py ARGS... on
+#                                               # the same model, on the GPU
 #
 # prepare downloads, as wheels for the device's Python (3.12, x86-64; no dependencies resolved), every package
 # aapo-trl needs that the device image lacks or holds in another version (KINDS.md's package list: no trl,
@@ -89,13 +91,13 @@ run() {
     python3 benchmarks/gpu_smoke.py --device cuda "$@"
 }
 
-# benchmarks/step_overhead.py on the device, on a model of the embedded model's shape (SmolLM2-135M: 30 layers,
-# hidden 576) with random weights and the real tokenizer: the step costs of a 135M model, not its answers (random
-# weights never stop before max_completion_length and earn no reward).
-bench() {
-    device_env
-    local model=/tmp/gpu_bench_model
-    python3 - "$KIT/embedded-config.json" "$model" <<'PY'
+# A model of the embedded model's shape (SmolLM2-135M: 30 layers, hidden 576) with random weights and the real
+# tokenizer, for the benchmarks on the device: the step costs of a 135M model, not its answers (random weights never
+# stop before max_completion_length and earn no reward).
+BENCH_MODEL=/tmp/gpu_bench_model
+
+build_bench_model() {
+    python3 - "$KIT/embedded-config.json" "$BENCH_MODEL" <<'PY'
 import sys, torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from aapo_trl.models import ensure_tokenizer
@@ -104,12 +106,26 @@ torch.manual_seed(0)
 LlamaForCausalLM(config).to(torch.float32).save_pretrained(sys.argv[2])
 AutoTokenizer.from_pretrained(ensure_tokenizer()).save_pretrained(sys.argv[2])
 PY
-    python3 benchmarks/step_overhead.py --model "$model" --out "${OUT:-outputs}/step_overhead-gpu.json" "$@"
+}
+
+bench() {
+    device_env
+    build_bench_model
+    python3 benchmarks/step_overhead.py --model "$BENCH_MODEL" --out "${OUT:-outputs}/step_overhead-gpu.json" "$@"
+}
+
+floor() {
+    device_env
+    build_bench_model
+    python3 benchmarks/batched_reference_floor.py --model "$BENCH_MODEL" --device cuda "$@" \
+        | tee "${OUT:-outputs}/batched_reference_floor-gpu.txt"
 }
 
 case ${1:-} in
     prepare) shift; prepare "$@" ;;
     run) shift; run "$@" ;;
     bench) shift; bench "$@" ;;
-    *) echo "usage: bash benchmarks/gpu_smoke.sh prepare | run [gpu_smoke.py arguments] | bench [step_overhead.py arguments]" >&2; exit 2 ;;
+    floor) shift; floor "$@" ;;
+    *) echo "usage: bash benchmarks/gpu_smoke.sh prepare | run [gpu_smoke.py arguments] |" \
+            "bench [step_overhead.py arguments] | floor [batched_reference_floor.py arguments]" >&2; exit 2 ;;
 esac
