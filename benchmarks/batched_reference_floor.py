@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     path = resolve_model_path(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device)
+    # step_overhead.py's PEFT_ARGS (r 16, alpha 32, all linear layers) and TRL's ModelConfig dropout (0.05)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
     with torch.no_grad():  # a trained adapter (PEFT initialises B to 0); what it computes does not change the cost
@@ -65,12 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
                     min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id)
     n = args.rows
+    policy, batched = f"policy x{n} (GRPO-LoRA)", f"row blocks: policy x{n} + reference x{n}"
+    base_double, base_single = f"base x{2 * n} (adapters off)", f"base x{n} (adapters off)"
     calls = {
-        f"policy x{n} (GRPO-LoRA)": (n, contextlib.nullcontext),
-        f"row blocks: policy x{n} + reference x{n}": (
-            2 * n, lambda: adapter_row_blocks(model, [("default", n), ("__base__", n)])),
-        f"base x{2 * n} (adapters off)": (2 * n, model.disable_adapter),
-        f"base x{n} (adapters off)": (n, model.disable_adapter),
+        policy: (n, contextlib.nullcontext),
+        batched: (2 * n, lambda: adapter_row_blocks(model, [("default", n), ("__base__", n)])),
+        base_double: (2 * n, model.disable_adapter),
+        base_single: (n, model.disable_adapter),
         f"policy x{2 * n} (LoRA on every row)": (2 * n, contextlib.nullcontext),
     }
 
@@ -95,19 +97,22 @@ def main(argv: list[str] | None = None) -> None:
             seconds[name].append(generate(*calls[name]))
 
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    policy, batched, base_double, base_single, _ = median.values()
     print(f"{args.device}, torch threads {torch.get_num_threads()}, {args.rounds} rounds, {n} policy rows, "
           f"{args.new_tokens} tokens")
-    floor = base_double + (policy - base_single)
-    lines = [(name, median[name], f"x{median[name] / policy:5.3f}  ({', '.join(f'{v:.2f}' for v in values)})")
+    lora_cost = median[policy] - median[base_single]
+    reference_rows_cost = median[base_double] - median[base_single]
+    floor = median[base_double] + lora_cost
+    lines = [(name, median[name], f"x{median[name] / median[policy]:5.3f}  ({', '.join(f'{v:.2f}' for v in values)})")
              for name, values in seconds.items()]
-    lines += [(f"LoRA of the policy rows (policy x{n} - base x{n})", policy - base_single, ""),
-              (f"reference rows' base layers (base x{2 * n} - base x{n})", base_double - base_single, ""),
-              ("floor of an exact batched call", floor, f"x{floor / policy:5.3f}")]
+    lines += [(f"LoRA of the policy rows (policy x{n} - base x{n})", lora_cost, ""),
+              (f"reference rows' base layers (base x{2 * n} - base x{n})", reference_rows_cost, ""),
+              ("floor of an exact batched call", floor, f"x{floor / median[policy]:5.3f}")]
     for name, value, note in lines:
         print(f"{name:52s} {value:7.2f} s  {note}")
-    print(f"{'row blocks / floor':52s} {batched / floor:7.3f}")
-    print(f"{'row blocks / GRPO-LoRA' + chr(39) + 's call':52s} {batched / policy:7.3f}")
+    for name, ratio in (("row blocks / floor", median[batched] / floor),
+                        ("row blocks / GRPO-LoRA's call", median[batched] / median[policy])):
+        print(f"{name:52s} {ratio:7.3f}")
+
 
 if __name__ == "__main__":
     main()
