@@ -723,12 +723,16 @@ class ZAPOConfig(
             pi_old (mean log-prob, mean token entropy, mean-pooled final hidden state) come from. `"generation"`:
             from passes the step runs anyway -- TRL's no-grad old-log-prob forward when it runs
             (`num_iterations > 1`, `steps_per_generation` beyond the gradient accumulation, vLLM's
-            importance-sampling correction), else hooks on transformers' `generate` while the policy samples;
-            the one difference from the forward pass is that the embedding of a response whose last token was
-            sampled at the last decoding step (the longest and the truncated ones) leaves that token out, its
-            hidden state never being computed. Rows it cannot collect (vLLM without the correction, continuous
-            batching, tools, a custom `rollout_func`, DeepSpeed ZeRO-3's synchronised generation, ...) fall back
-            to the forward. `"forward"`: always ZAPO's own extra no-grad forward (the reference implementation).
+            importance-sampling correction), else hooks on transformers' `generate` while the policy samples, the
+            hidden state of the token sampled last coming from one more backbone step on `generate`'s KV cache:
+            the same statistics as the forward pass, every completion token included. Rows it cannot collect
+            take ZAPO's forward pass: the whole round under vLLM without the correction, continuous batching,
+            tools, a custom `rollout_func`, and `generation_kwargs` that expand or reorder the rows of a decoding
+            step (beams, `num_return_sequences > 1`, any decoding mode but sampling and greedy; logged once);
+            under FSDP or DeepSpeed ZeRO-3 (no extra backbone step on sharded parameters) the rows whose last token
+            was sampled at the last decoding step; and any round whose recorded steps do not match the returned
+            rows one to one. `zapo/stats_forward_frac` logs the share of rows that took the forward pass.
+            `"forward"`: always ZAPO's own extra no-grad forward (the reference implementation).
     """
 
     loss_type: str = field(
@@ -780,10 +784,13 @@ class ZAPOConfig(
     zapo_statistics_source: str = field(
         default="generation",
         metadata={"help": "DAER's statistics under pi_old: 'generation' = from passes the step already runs (TRL's "
-                  "old-log-prob forward when it runs, else hooks on transformers' generate; the embedding of a "
-                  "response whose last token was sampled at the last step leaves that token out), falling back "
-                  "to the extra forward for rows it cannot collect (vLLM, tools, ...); 'forward' = always ZAPO's "
-                  "own extra no-grad forward pass (the reference implementation).",
+                  "old-log-prob forward when it runs, else hooks on transformers' generate, the token sampled last "
+                  "fed through one more backbone step on generate's cache: the forward pass's values), falling "
+                  "back to ZAPO's extra forward for rows it cannot collect (vLLM without the importance-sampling "
+                  "correction, tools, rollout_func, beams or num_return_sequences > 1 or a decoding mode other than "
+                  "sampling/greedy in generation_kwargs, the rows ending at the last step under FSDP/ZeRO-3; "
+                  "zapo/stats_forward_frac logs the share); 'forward' = always ZAPO's own extra no-grad forward pass "
+                  "(the reference implementation).",
                   "choices": list(ZAPO_STATISTICS_SOURCES)},
     )
 
