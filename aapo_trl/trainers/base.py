@@ -443,7 +443,9 @@ def _cross_entropy_term(trainer: AdvantageTrainerMixin):
     paper's normaliser. With the upper clip removed it is the CE loss: on-policy (no old log-probs) the ratio is
     ``exp(log pi - log pi.detach()) == 1`` exactly, so loss and gradient are Eq. 4's; on stale samples the
     detached, unclipped ratio is the importance weight that keeps the gradient that of the current policy
-    (``ce_off_policy_correction``). Running TRL's code keeps all it adds around the term: the MoE router aux
+    (``ce_off_policy_correction``); with ``importance_sampling_level="sequence"`` TRL's ratio, hence the weight, is
+    one per completion, ``exp(mean_t log(pi / pi_old))`` (the configs warn, and refuse TRL's clip settings
+    ``epsilon_high`` and ``delta``, which this term has no use for). Running TRL's code keeps all it adds around the term: the MoE router aux
     loss, the entropy bonus and its adaptive controller, the high-entropy token mask, the off-policy sequence
     mask, the vLLM importance-sampling correction and their metrics. ``loss_type`` and ``epsilon_high`` are
     read nowhere else during a loss computation; both are restored even if it raises, and the clip-ratio
