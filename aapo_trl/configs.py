@@ -201,6 +201,18 @@ class DynamicSamplingArguments:
 
 UNSCORABLE_POLICIES = ("error", "unscorable")
 TRUNCATION_POLICIES = ("score", "unscorable")
+EMPTY_COMPLETION_POLICIES = ("score", "unscorable")
+
+
+def completion_is_unscorable(config, empty: bool, truncated: bool) -> bool:
+    """The ``empty_completions`` / ``truncated_completions`` rule for one completion, policy's or reference's alike.
+
+    ``empty``: no token before its EOS (or pad); ``truncated``: cut at ``max_completion_length`` without an EOS. A
+    config without these fields (TRL's own ``GRPOConfig``) scores both, as TRL does.
+    """
+    return (empty and getattr(config, "empty_completions", "score") == "unscorable") or (
+        truncated and getattr(config, "truncated_completions", "score") == "unscorable"
+    )
 
 
 @dataclass
@@ -220,15 +232,29 @@ class RobustnessArguments:
         metadata={
             "help": "A completion cut at max_completion_length (no EOS): 'score' (default; the papers' and TRL's "
             "behaviour) scores it like any other completion, so an unfinished answer is penalised like a wrong one; "
-            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Empty completions "
-            "and rows every reward function returned None for are unscorable either way.",
+            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Applied alike to "
+            "AAPO's reference completions (online, and ref_truncated of a ref-rollouts cache). Rows every reward "
+            "function returned None for are unscorable either way.",
             "choices": list(TRUNCATION_POLICIES),
+        },
+    )
+    empty_completions: str = field(
+        default="score",
+        metadata={
+            "help": "A completion with no token before its EOS (the model ended at once): 'score' (default; TRL's "
+            "and both papers' behaviour) hands it to the reward functions like any other completion, so it gets the "
+            "reward of no answer (0 for accuracy) and a negative advantage in a group with a right answer, which is "
+            "how an immediate EOS is discouraged; 'unscorable' (opt-in, in no paper) gives it advantage 0 and keeps "
+            "it out of its group's mean/std. Applied alike to AAPO's reference completions (online, and ref_empty "
+            "of a ref-rollouts cache).",
+            "choices": list(EMPTY_COMPLETION_POLICIES),
         },
     )
 
     def _validate_robustness(self) -> None:
         require_choice(self, "reward_errors", UNSCORABLE_POLICIES)
         require_choice(self, "truncated_completions", TRUNCATION_POLICIES)
+        require_choice(self, "empty_completions", EMPTY_COMPLETION_POLICIES)
 
 
 @dataclass
