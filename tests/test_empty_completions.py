@@ -18,11 +18,12 @@ from transformers import AutoTokenizer
 
 from aapo_trl.advantages import group_relative_advantages
 from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
-from aapo_trl.ref_rollouts import REF_EMPTY, REF_REWARDS, REF_TRUNCATED, CachedReference, build_ref_rollouts
+from aapo_trl.ref_rollouts import REF_REWARDS, REF_TRUNCATED, CachedReference, build_ref_rollouts
 from aapo_trl.train import parse_args
 from aapo_trl.trainers import AAPOTrainer
 
 G = 3
+REF_EMPTY = "ref_empty"  # the cache column that marks an empty reference response
 
 
 def answered(completions, **kwargs):
