@@ -147,22 +147,29 @@ def stale_weights(trainer, model, inputs):
     return torch.exp(logps - inputs["old_per_token_logps"])
 
 
-@pytest.mark.parametrize("trainer_class, config_class", CE_TRAINERS, ids=CE_IDS)
-def test_stale_samples_are_importance_weighted_without_clipping(trainer_class, config_class, tiny_model_path,
-                                                                tmp_path):
-    args = config_class(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1))  # the default
-    trainer = trainer_class(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
-                            args=args)
+def train_on_weighted_eq4(trainer, importance_weights):
+    """Two passes over one generation batch, each loss checked against Eq. 4 with every token's log-prob times
+    ``importance_weights(trainer, model, inputs)``; returns the probe and those weights, pass by pass."""
     weights = []
 
     def expected(trainer, model, inputs):
-        weights.append(stale_weights(trainer, model, inputs))
+        weights.append(importance_weights(trainer, model, inputs))
         return eq4(trainer, model, inputs, token_weights=weights[-1])
 
     probe = LossProbe(trainer, expected)
     trainer.train()
     assert len(probe.calls) == 2 and all("old_per_token_logps" in call["inputs"] for call in probe.calls)
     probe.assert_matches()
+    return probe, weights
+
+
+@pytest.mark.parametrize("trainer_class, config_class", CE_TRAINERS, ids=CE_IDS)
+def test_stale_samples_are_importance_weighted_without_clipping(trainer_class, config_class, tiny_model_path,
+                                                                tmp_path):
+    args = config_class(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1))  # the default
+    trainer = trainer_class(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
+                            args=args)
+    probe, weights = train_on_weighted_eq4(trainer, stale_weights)
     mask = probe.calls[1]["inputs"]["completion_mask"].bool()
     # first pass: the sampling policy itself; second pass, one optimizer step later: weights far from 1 and
     # outside any PPO clip range (no clipping)
@@ -290,17 +297,13 @@ def test_sequence_level_weights_each_stale_completion_by_trls_sequence_ratio(tin
                                     importance_sampling_level="sequence"))
     trainer = GPGTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
                          args=args)
-    weights, token_weights = [], []
+    token_weights = []
 
-    def expected(trainer, model, inputs):
-        weights.append(sequence_stale_weights(trainer, model, inputs))
+    def sequence_weights_beside_token_weights(trainer, model, inputs):
         token_weights.append(stale_weights(trainer, model, inputs))
-        return eq4(trainer, model, inputs, token_weights=weights[-1])
+        return sequence_stale_weights(trainer, model, inputs)
 
-    probe = LossProbe(trainer, expected)
-    trainer.train()
-    assert len(probe.calls) == 2 and all("old_per_token_logps" in call["inputs"] for call in probe.calls)
-    probe.assert_matches()
+    probe, weights = train_on_weighted_eq4(trainer, sequence_weights_beside_token_weights)
     torch.testing.assert_close(weights[0], torch.ones_like(weights[0]), rtol=1e-5, atol=1e-5)  # the sampling policy
     mask = probe.calls[1]["inputs"]["completion_mask"].bool()
     assert (weights[1] - 1).abs().max() > 0.05  # one optimizer step later: stale, one weight per completion
