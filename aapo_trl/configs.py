@@ -8,6 +8,7 @@ default and say so.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig
@@ -22,6 +23,14 @@ CE_LOSS_TYPES = ("aapo", "gpg")
 """Loss types computed by aapo-trl itself: the token-normalised cross-entropy loss of AAPO Eq. 4 / GPG."""
 
 CE_OFF_POLICY_CORRECTIONS = ("importance_weight", "none", "error")
+
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")  # TRL's; TRL itself refuses another value only at the first loss
+
+CE_LOSS_CLIP_FIELDS = {
+    "epsilon_high": "the upper bound of the ratio clip",
+    "delta": "the upper bound of the two-sided clip (INTELLECT-2)",
+}
+"""TRL's clip settings of the clipped-ratio losses, which the CE losses (no clipped ratio) refuse when set."""
 
 ZAPO_STATISTICS_SOURCES = ("generation", "forward")
 """Where ZAPO's DAER statistics come from: passes the step already runs, or ZAPO's own extra forward."""
@@ -192,6 +201,18 @@ class DynamicSamplingArguments:
 
 UNSCORABLE_POLICIES = ("error", "unscorable")
 TRUNCATION_POLICIES = ("score", "unscorable")
+EMPTY_COMPLETION_POLICIES = ("score", "unscorable")
+
+
+def completion_is_unscorable(config, empty: bool, truncated: bool) -> bool:
+    """The ``empty_completions`` / ``truncated_completions`` rule for one completion, policy's or reference's alike.
+
+    ``empty``: no token before its EOS (or pad); ``truncated``: cut at ``max_completion_length`` without an EOS. A
+    config without these fields (TRL's own ``GRPOConfig``) scores both, as TRL does.
+    """
+    return (empty and getattr(config, "empty_completions", "score") == "unscorable") or (
+        truncated and getattr(config, "truncated_completions", "score") == "unscorable"
+    )
 
 
 @dataclass
@@ -211,15 +232,29 @@ class RobustnessArguments:
         metadata={
             "help": "A completion cut at max_completion_length (no EOS): 'score' (default; the papers' and TRL's "
             "behaviour) scores it like any other completion, so an unfinished answer is penalised like a wrong one; "
-            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Empty completions "
-            "and rows every reward function returned None for are unscorable either way.",
+            "'unscorable' (opt-in) gives it advantage 0 and keeps it out of its group's mean/std. Applied alike to "
+            "AAPO's reference completions (online, and ref_truncated of a ref-rollouts cache). Rows every reward "
+            "function returned None for are unscorable either way.",
             "choices": list(TRUNCATION_POLICIES),
+        },
+    )
+    empty_completions: str = field(
+        default="score",
+        metadata={
+            "help": "A completion with no token before its EOS (the model ended at once): 'score' (default; TRL's "
+            "and both papers' behaviour) hands it to the reward functions like any other completion, so it gets the "
+            "reward of no answer (0 for accuracy) and a negative advantage in a group with a right answer, which is "
+            "how an immediate EOS is discouraged; 'unscorable' (opt-in, in no paper) gives it advantage 0 and keeps "
+            "it out of its group's mean/std. Applied alike to AAPO's reference completions (online, and ref_empty "
+            "of a ref-rollouts cache).",
+            "choices": list(EMPTY_COMPLETION_POLICIES),
         },
     )
 
     def _validate_robustness(self) -> None:
         require_choice(self, "reward_errors", UNSCORABLE_POLICIES)
         require_choice(self, "truncated_completions", TRUNCATION_POLICIES)
+        require_choice(self, "empty_completions", EMPTY_COMPLETION_POLICIES)
 
 
 @dataclass
@@ -318,16 +353,41 @@ class CrossEntropyLossArguments:
             "on-policy gradients (no ratio) and say nothing about such samples. 'importance_weight' (default): each "
             "token's term is weighted by pi/pi_old, detached and unclipped, so the gradient stays the on-policy one "
             "the papers define; on-policy the weight is exactly 1. 'none': no weight (verl's GPG loss with PPO "
-            "mini-batches), a gradient biased towards the sampling policy. 'error': refuse such a configuration.",
+            "mini-batches), a gradient biased towards the sampling policy. 'error': refuse such a configuration. "
+            "With importance_sampling_level='sequence' (TRL's GSPO setting; opt-in, warned about) the weight is one "
+            "per completion, exp(mean over its tokens of log(pi/pi_old)), detached and unclipped, on each of its "
+            "tokens. The CE losses have no clipped ratio: TRL's epsilon is unused, and epsilon_high and delta are "
+            "refused when set.",
             "choices": list(CE_OFF_POLICY_CORRECTIONS),
         },
     )
 
     def _validate_ce_loss(self) -> None:
         require_choice(self, "ce_off_policy_correction", CE_OFF_POLICY_CORRECTIONS)
-        if self.loss_type in CE_LOSS_TYPES and self.ce_off_policy_correction == "error" and trains_on_stale_samples(
-            self
-        ):
+        require_choice(self, "importance_sampling_level", IMPORTANCE_SAMPLING_LEVELS)
+        if self.loss_type not in CE_LOSS_TYPES:
+            return
+        for name, meaning in CE_LOSS_CLIP_FIELDS.items():
+            if getattr(self, name) is not None:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} is {meaning} of TRL's clipped-ratio losses, but loss_type="
+                    f"{self.loss_type!r} is the CE loss of AAPO Eq. 4 / GPG, which has no clipped ratio (stale samples "
+                    f"get the unclipped weight of ce_off_policy_correction). Leave {name} unset (None), or pick a "
+                    "TRL loss_type such as 'grpo' or 'dapo'."
+                )
+        if self.importance_sampling_level == "sequence":
+            warnings.warn(
+                f"importance_sampling_level='sequence' with loss_type={self.loss_type!r}: the CE loss's importance "
+                "weight of a stale completion (ce_off_policy_correction='importance_weight') is one per completion, "
+                "TRL's sequence-level ratio exp(mean over its tokens of log(pi/pi_old)) (GSPO's length-normalised "
+                "ratio), detached and unclipped, instead of each token's pi/pi_old: no longer the on-policy "
+                "gradient. On-policy the weight is 1 either way. The loss still sums per-token terms over the "
+                "batch's completion tokens (Eq. 4), so each sequence weighs by its length, not GSPO's per-sequence "
+                "objective (TRL gives the same warning for its 'cispo' loss).",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.ce_off_policy_correction == "error" and trains_on_stale_samples(self):
             raise ValueError(
                 f"ce_off_policy_correction='error' but loss_type={self.loss_type!r} would train on stale samples: "
                 f"num_iterations={self.num_iterations}, steps_per_generation={self.steps_per_generation}, "
@@ -435,7 +495,9 @@ class AAPOConfig(
             Stale samples in the CE loss (`gradient_accumulation_steps` not a multiple of `steps_per_generation *
             num_iterations`, e.g. `num_iterations > 1`): `"importance_weight"` weights each token by the detached,
             unclipped `pi / pi_old` (exactly 1 on-policy), `"none"` trains on them unweighted, `"error"` refuses
-            such a configuration.
+            such a configuration. With `importance_sampling_level="sequence"` (opt-in, warned about) the weight is
+            TRL's sequence-level ratio, one per completion. The CE loss has no clipped ratio: `epsilon_high` and
+            `delta` are refused when set, `epsilon` is unused.
     """
 
     loss_type: str = field(
@@ -655,7 +717,8 @@ class GPGConfig(
             `"gpg"`: the same CE loss as AAPO Eq. 4, `-sum_i sum_t A_i log pi / tokens`, with GPG's corrected
             advantage `A_i = alpha (r_i - mean) / F_norm`, `alpha = B / (B - M)`. Any TRL loss type also works.
         ce_off_policy_correction (`str`, *optional*, defaults to `"importance_weight"`):
-            Stale samples in the CE loss (see [`AAPOConfig`]): detached, unclipped `pi / pi_old` per token.
+            Stale samples in the CE loss (see [`AAPOConfig`]): detached, unclipped `pi / pi_old` per token (per
+            completion with `importance_sampling_level="sequence"`); `epsilon_high` and `delta` are refused.
         scale_rewards (`str`, *optional*, defaults to `"group"`):
             `F_norm`: `"group"` divides by the group std + 1e-4, `"none"` by 1.
     """
@@ -723,12 +786,16 @@ class ZAPOConfig(
             pi_old (mean log-prob, mean token entropy, mean-pooled final hidden state) come from. `"generation"`:
             from passes the step runs anyway -- TRL's no-grad old-log-prob forward when it runs
             (`num_iterations > 1`, `steps_per_generation` beyond the gradient accumulation, vLLM's
-            importance-sampling correction), else hooks on transformers' `generate` while the policy samples;
-            the one difference from the forward pass is that the embedding of a response whose last token was
-            sampled at the last decoding step (the longest and the truncated ones) leaves that token out, its
-            hidden state never being computed. Rows it cannot collect (vLLM without the correction, continuous
-            batching, tools, a custom `rollout_func`, DeepSpeed ZeRO-3's synchronised generation, ...) fall back
-            to the forward. `"forward"`: always ZAPO's own extra no-grad forward (the reference implementation).
+            importance-sampling correction), else hooks on transformers' `generate` while the policy samples, the
+            hidden state of the token sampled last coming from one more backbone step on `generate`'s KV cache:
+            the same statistics as the forward pass, every completion token included. Rows it cannot collect
+            take ZAPO's forward pass: the whole round under vLLM without the correction, continuous batching,
+            tools, a custom `rollout_func`, and `generation_kwargs` that expand or reorder the rows of a decoding
+            step (beams, `num_return_sequences > 1`, any decoding mode but sampling and greedy; logged once);
+            under FSDP or DeepSpeed ZeRO-3 (no extra backbone step on sharded parameters) the rows whose last token
+            was sampled at the last decoding step; and any round whose recorded steps do not match the returned
+            rows one to one. `zapo/stats_forward_frac` logs the share of rows that took the forward pass.
+            `"forward"`: always ZAPO's own extra no-grad forward (the reference implementation).
     """
 
     loss_type: str = field(
@@ -780,10 +847,13 @@ class ZAPOConfig(
     zapo_statistics_source: str = field(
         default="generation",
         metadata={"help": "DAER's statistics under pi_old: 'generation' = from passes the step already runs (TRL's "
-                  "old-log-prob forward when it runs, else hooks on transformers' generate; the embedding of a "
-                  "response whose last token was sampled at the last step leaves that token out), falling back "
-                  "to the extra forward for rows it cannot collect (vLLM, tools, ...); 'forward' = always ZAPO's "
-                  "own extra no-grad forward pass (the reference implementation).",
+                  "old-log-prob forward when it runs, else hooks on transformers' generate, the token sampled last "
+                  "fed through one more backbone step on generate's cache: the forward pass's values), falling "
+                  "back to ZAPO's extra forward for rows it cannot collect (vLLM without the importance-sampling "
+                  "correction, tools, rollout_func, beams or num_return_sequences > 1 or a decoding mode other than "
+                  "sampling/greedy in generation_kwargs, the rows ending at the last step under FSDP/ZeRO-3; "
+                  "zapo/stats_forward_frac logs the share); 'forward' = always ZAPO's own extra no-grad forward pass "
+                  "(the reference implementation).",
                   "choices": list(ZAPO_STATISTICS_SOURCES)},
     )
 

@@ -12,12 +12,13 @@ K >= G responses are sampled from the reference model with the training sampling
 ``generate``, batched, on CPU or GPU; or vLLM when installed), scored by the same reward functions and
 weights as in training, and written as the training dataset plus these columns, one list of K per row:
 
-* ``ref_rewards``: the weighted reward (``None``: unscorable, i.e. every function returned ``None`` or
-  the completion is empty);
+* ``ref_rewards``: the weighted reward (``None``: unscorable, i.e. every function returned ``None``); an
+  empty response is scored like any other, as the trainer scores its own;
 * ``ref_rewards_per_func``: the reward of each function (K lists), checked against ``ref_rewards`` by the
   trainer so a cache scored with other weights fails loudly;
-* ``ref_truncated``: the response hit ``max_completion_length`` without an EOS (the trainer applies its
-  ``truncated_completions`` policy to it, as to its own completions);
+* ``ref_truncated``: the response hit ``max_completion_length`` without an EOS, and ``ref_empty``: it has no
+  token before its EOS (the trainer applies its ``truncated_completions`` / ``empty_completions`` policies
+  to them, as to its own completions);
 * ``ref_completion_lengths``, ``ref_completions`` (the text, for inspection) and, with
   ``--save-completion-ids``, ``ref_completion_ids``.
 
@@ -50,6 +51,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +62,17 @@ logger = logging.getLogger(__name__)
 REF_REWARDS = "ref_rewards"
 REF_REWARDS_PER_FUNC = "ref_rewards_per_func"
 REF_TRUNCATED = "ref_truncated"
+REF_EMPTY = "ref_empty"
 REF_LENGTHS = "ref_completion_lengths"
 REF_COMPLETIONS = "ref_completions"
 REF_COMPLETION_IDS = "ref_completion_ids"
-CACHE_COLUMNS = (REF_REWARDS, REF_REWARDS_PER_FUNC, REF_TRUNCATED, REF_LENGTHS, REF_COMPLETIONS, REF_COMPLETION_IDS)
+CACHE_COLUMNS = (
+    REF_REWARDS, REF_REWARDS_PER_FUNC, REF_TRUNCATED, REF_EMPTY, REF_LENGTHS, REF_COMPLETIONS, REF_COMPLETION_IDS
+)
 # What the trainer needs in its batches (the texts and ids stay in the cache, for inspection).
-TRAINING_COLUMNS = (REF_REWARDS, REF_REWARDS_PER_FUNC, REF_TRUNCATED, REF_LENGTHS)
+TRAINING_COLUMNS = (REF_REWARDS, REF_REWARDS_PER_FUNC, REF_TRUNCATED, REF_EMPTY, REF_LENGTHS)
+# Caches written before ref_empty stored an empty response as unscorable (None), whatever the functions said.
+SCORES_EMPTY_COMPLETIONS = "scores_empty_completions"
 
 DATASET_DIR = "dataset"
 SHARDS_DIR = "shards"
@@ -151,8 +158,10 @@ class CachedReference:
         epoch = math.floor((trainer.state.epoch or 0.0) + 1e-9)
         seed = trainer.args.seed
         num_funcs = len(trainer.reward_funcs)
-        unscorable_truncated = getattr(trainer.args, "truncated_completions", "score") == "unscorable"
-        rewards, per_func, lengths, indices = [], [], [], []
+        from .configs import completion_is_unscorable
+
+        rewards, per_func, lengths, indices, left_out = [], [], [], [], []
+        self._warn_if_empty_responses_were_not_scored(trainer, inputs[0])
         has_per_func = inputs[0].get(REF_REWARDS_PER_FUNC) is not None
         has_lengths = inputs[0].get(REF_LENGTHS) is not None
         group_keys: dict[int, str] = {}
@@ -175,10 +184,12 @@ class CachedReference:
                 )
             index = cache_subset(len(values), num_generations, seed, epoch, key)[position]
             reward = _float(values[index])
-            truncated = row.get(REF_TRUNCATED)
-            if unscorable_truncated and truncated is not None and truncated[index]:
-                reward = float("nan")
-            rewards.append(reward)
+            truncated, empty = row.get(REF_TRUNCATED), row.get(REF_EMPTY)
+            unscorable = completion_is_unscorable(
+                trainer.args, empty=bool(empty and empty[index]), truncated=bool(truncated and truncated[index])
+            )
+            left_out.append(unscorable)
+            rewards.append(float("nan") if unscorable else reward)
             indices.append(index)
             if has_per_func:
                 func_values = row[REF_REWARDS_PER_FUNC][index]
@@ -196,13 +207,31 @@ class CachedReference:
         if has_per_func:
             local_per_func = torch.tensor(per_func, dtype=torch.float32, device=device).view(len(inputs), num_funcs)
             self._check_weights(trainer, inputs, indices, local_per_func)
-            if unscorable_truncated:  # what the online path does to a truncated reference response
-                local_per_func = local_per_func.masked_fill(torch.isnan(local_rewards).unsqueeze(1), float("nan"))
+            # what the online path does to a reference response its policy leaves out
+            left_out_rows = torch.tensor(left_out, dtype=torch.bool, device=device).unsqueeze(1)
+            local_per_func = local_per_func.masked_fill(left_out_rows, float("nan"))
             result["rewards_per_func"] = accelerator.gather(local_per_func)
         if has_lengths:
             result["lengths"] = accelerator.gather(torch.tensor(lengths, device=device))
         result["rewards"] = accelerator.gather(local_rewards)
         return result
+
+    _warned_unscored_empty = False
+
+    def _warn_if_empty_responses_were_not_scored(self, trainer, row: dict) -> None:
+        """A cache written by ``ref-rollouts`` before ``ref_empty`` existed holds its empty responses as unscorable."""
+        if self._warned_unscored_empty or REF_TRUNCATED not in row or REF_EMPTY in row:
+            return
+        if getattr(trainer.args, "empty_completions", "score") == "unscorable":
+            return  # what that cache did anyway
+        self._warned_unscored_empty = True
+        warnings.warn(
+            f"the reference cache has no {REF_EMPTY!r} column: it was written by an older aapo-trl ref-rollouts, which "
+            "stored empty reference responses as unscorable (None, margin 0), while empty_completions='score' scores "
+            "the policy's. Rebuild the cache to score them alike, or set empty_completions='unscorable'.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     @staticmethod
     def _check_weights(trainer, inputs, indices, local_per_func) -> None:
@@ -211,7 +240,7 @@ class CachedReference:
         stored = [_float(row[REF_REWARDS][i]) for row, i in zip(inputs, indices)]
         stored = torch.tensor(stored, device=local_per_func.device)
         combined = combine_reward_functions(local_per_func, trainer.reward_weights.to(local_per_func.device))
-        # empty completions are stored unscorable (None) whatever the functions said
+        # caches written before ref_empty stored empty responses as None whatever the functions said
         comparable = ~torch.isnan(stored)
         if not torch.allclose(stored[comparable], combined[comparable], rtol=1e-5, atol=1e-6, equal_nan=True):
             raise ValueError(
@@ -525,6 +554,7 @@ def build_ref_rollouts(
         "dataset_fingerprint": _dataset_fingerprint(dataset),
         "save_completion_ids": save_completion_ids,
         "backend": sampler.name if hasattr(sampler, "name") else type(sampler).__name__,
+        SCORES_EMPTY_COMPLETIONS: True,  # shards of an older run stored empty responses as None: not mixed in
         **(metadata or {}),
     }
     progress_path = output / PROGRESS_FILE
@@ -569,8 +599,7 @@ def build_ref_rollouts(
         completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         expanded = [row for row in rows for _ in range(num_generations)]
         per_func = score_completions(funcs, expanded, completions, flat_ids)
-        empty, truncated = completion_flags(flat_ids, end_tokens)
-        per_func[torch.tensor(empty, dtype=torch.bool)] = float("nan")  # an empty answer is unscorable
+        empty, truncated = completion_flags(flat_ids, end_tokens)  # the trainer applies its policies to both
         combined = combine_reward_functions(per_func, weights)
 
         def per_prompt(values, k=num_generations):
@@ -584,6 +613,7 @@ def build_ref_rollouts(
             REF_REWARDS: per_prompt(nullable(combined.tolist())),
             REF_REWARDS_PER_FUNC: per_prompt([nullable(r) for r in per_func.tolist()]),
             REF_TRUNCATED: per_prompt(truncated),
+            REF_EMPTY: per_prompt(empty),
             REF_LENGTHS: per_prompt([len(ids) for ids in flat_ids]),
             REF_COMPLETIONS: per_prompt(texts),
         }

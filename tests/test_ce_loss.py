@@ -9,6 +9,8 @@ loss, their metrics).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _training import CPU_ARGS, hashed_reward, prompt_dataset
@@ -145,22 +147,29 @@ def stale_weights(trainer, model, inputs):
     return torch.exp(logps - inputs["old_per_token_logps"])
 
 
-@pytest.mark.parametrize("trainer_class, config_class", CE_TRAINERS, ids=CE_IDS)
-def test_stale_samples_are_importance_weighted_without_clipping(trainer_class, config_class, tiny_model_path,
-                                                                tmp_path):
-    args = config_class(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1))  # the default
-    trainer = trainer_class(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
-                            args=args)
+def train_on_weighted_eq4(trainer, importance_weights):
+    """Two passes over one generation batch, each loss checked against Eq. 4 with every token's log-prob times
+    ``importance_weights(trainer, model, inputs)``; returns the probe and those weights, pass by pass."""
     weights = []
 
     def expected(trainer, model, inputs):
-        weights.append(stale_weights(trainer, model, inputs))
+        weights.append(importance_weights(trainer, model, inputs))
         return eq4(trainer, model, inputs, token_weights=weights[-1])
 
     probe = LossProbe(trainer, expected)
     trainer.train()
     assert len(probe.calls) == 2 and all("old_per_token_logps" in call["inputs"] for call in probe.calls)
     probe.assert_matches()
+    return probe, weights
+
+
+@pytest.mark.parametrize("trainer_class, config_class", CE_TRAINERS, ids=CE_IDS)
+def test_stale_samples_are_importance_weighted_without_clipping(trainer_class, config_class, tiny_model_path,
+                                                                tmp_path):
+    args = config_class(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1))  # the default
+    trainer = trainer_class(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
+                            args=args)
+    probe, weights = train_on_weighted_eq4(trainer, stale_weights)
     mask = probe.calls[1]["inputs"]["completion_mask"].bool()
     # first pass: the sampling policy itself; second pass, one optimizer step later: weights far from 1 and
     # outside any PPO clip range (no clipping)
@@ -237,6 +246,69 @@ def test_error_accepts_on_policy_settings_and_other_loss_types(on_policy, tmp_pa
 def test_unknown_off_policy_correction_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ce_off_policy_correction must be one of"):
         AAPOConfig(**small_values(tmp_path, ce_off_policy_correction="clip"))
+
+
+# ------------------------------------------------------- issue 26, part 8: TRL's other settings of its loss
+
+
+@pytest.mark.parametrize("config_class", [AAPOConfig, GPGConfig], ids=CE_IDS)
+@pytest.mark.parametrize("name, value", [("delta", 1.5), ("epsilon_high", 0.28)])
+def test_trls_clip_settings_are_refused_by_the_ce_losses_naming_the_field(config_class, name, value, tmp_path):
+    with pytest.raises(ValueError, match=rf"^{name}={value} is .* no clipped ratio.* Leave {name} unset"):
+        config_class(**small_values(tmp_path, **{name: value}))
+    assert config_class(**small_values(tmp_path, loss_type="grpo", **{name: value}))  # TRL's clipped loss uses it
+
+
+def test_an_unknown_importance_sampling_level_is_refused_before_any_generation(tmp_path):
+    with pytest.raises(ValueError, match=r"importance_sampling_level must be one of \('token', 'sequence'\)"):
+        GPGConfig(**small_values(tmp_path, importance_sampling_level="tokens"))
+
+
+def warnings_about_the_sequence_level(config_class, tmp_path, **fields):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config_class(**small_values(tmp_path, **fields))
+    return [str(w.message) for w in caught if "importance_sampling_level='sequence'" in str(w.message)]
+
+
+@pytest.mark.parametrize("config_class", [AAPOConfig, GPGConfig], ids=CE_IDS)
+def test_sequence_level_importance_sampling_of_the_ce_loss_is_warned_about(config_class, tmp_path):
+    """TRL warns for its 'cispo' term with sequence-level ratios; the CE losses borrow that term, so they warn too."""
+    (message,) = warnings_about_the_sequence_level(config_class, tmp_path, importance_sampling_level="sequence")
+    loss_type = config_class.__dataclass_fields__["loss_type"].default
+    assert f"loss_type={loss_type!r}" in message and "one per completion" in message
+    assert warnings_about_the_sequence_level(config_class, tmp_path) == []  # token level: the papers' setting
+    assert warnings_about_the_sequence_level(config_class, tmp_path, loss_type="grpo",
+                                             importance_sampling_level="sequence") == []  # GSPO as TRL defines it
+
+
+def sequence_stale_weights(trainer, model, inputs):
+    """TRL's sequence-level ratio: exp of the masked mean of log(pi / pi_old) over each completion, detached."""
+    with torch.no_grad():
+        logps, _, _ = log_probs_and_entropies(trainer, model, inputs)
+    mask = inputs["completion_mask"]
+    log_ratio = ((logps - inputs["old_per_token_logps"]) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(log_ratio).unsqueeze(1)
+
+
+@pytest.mark.filterwarnings("ignore:importance_sampling_level='sequence'")
+def test_sequence_level_weights_each_stale_completion_by_trls_sequence_ratio(tiny_model_path, tmp_path):
+    args = GPGConfig(**small_values(tmp_path, num_iterations=2, max_steps=2, learning_rate=0.1,
+                                    importance_sampling_level="sequence"))
+    trainer = GPGTrainer(str(tiny_model_path), reward_funcs=[hashed_reward], train_dataset=prompt_dataset(2),
+                         args=args)
+    token_weights = []
+
+    def sequence_weights_beside_token_weights(trainer, model, inputs):
+        token_weights.append(stale_weights(trainer, model, inputs))
+        return sequence_stale_weights(trainer, model, inputs)
+
+    probe, weights = train_on_weighted_eq4(trainer, sequence_weights_beside_token_weights)
+    torch.testing.assert_close(weights[0], torch.ones_like(weights[0]), rtol=1e-5, atol=1e-5)  # the sampling policy
+    mask = probe.calls[1]["inputs"]["completion_mask"].bool()
+    assert (weights[1] - 1).abs().max() > 0.05  # one optimizer step later: stale, one weight per completion
+    per_token = token_weights[1][mask]
+    assert (per_token - weights[1].expand_as(token_weights[1])[mask]).abs().max() > 0.05  # not the token-level one
 
 
 # --------------------------------------------------------------------- part 11: what TRL adds around the term

@@ -172,9 +172,11 @@ def test_truncated_and_empty_completions_and_all_none_groups_get_zero(tiny_model
     assert trainer.state.global_step == 2  # training went on
     assert trainer.state.log_history[0]["unscorable/frac_rows"] == 1.0
 
-    # empty completions (EOS first, forced by a bias) and an all-None group: advantage 0, others still scored
+    # opt-in policy: empty completions (EOS first, forced by a bias) are unscorable, and so is an all-None group:
+    # advantage 0 (by default empty completions are scored: tests/test_empty_completions.py)
     eos = 2
-    scoring = config(AAPOConfig, tmp_path / "b", generation_kwargs={"sequence_bias": [[[eos], 100.0]]})
+    scoring = config(AAPOConfig, tmp_path / "b", generation_kwargs={"sequence_bias": [[[eos], 100.0]]},
+                     empty_completions="unscorable")
     trainer = AAPOTrainer(str(tiny_model_path), reward_funcs=[none_for_first_prompt], train_dataset=prompt_dataset(2),
                           args=scoring)
     recorder = Recorder(trainer)

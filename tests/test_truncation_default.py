@@ -70,12 +70,15 @@ def test_greso_counts_an_all_truncated_prompt_as_hard(tiny_model_path, tmp_path)
     assert all(entries[-1][1:] == (0.0, "hard") for entries in history.values())
 
 
-def test_only_empty_completions_stay_unscorable_by_default(tiny_model_path, tmp_path):
+def test_every_completion_is_scored_by_default_and_each_opt_in_leaves_out_its_kind(tiny_model_path, tmp_path):
+    """Truncated and empty completions are scored by default (issue 26, part 6: empty ones too)."""
     trainer = GRPOBaselineTrainer(str(tiny_model_path), reward_funcs=[all_wrong], train_dataset=prompt_dataset(2),
                                   args=small_config(GRPOBaselineConfig, tmp_path))
-    eos, word = trainer.eos_token_ids[0], 100
-    finished, truncated, empty = [word, word, eos], [word, word, word], [eos]
-    flags = trainer._unscorable_completions([finished, truncated, empty])
-    assert flags.tolist() == [False, False, True]
-    trainer.args.truncated_completions = "unscorable"  # the opt-in keeps the old behaviour
-    assert trainer._unscorable_completions([finished, truncated, empty]).tolist() == [False, True, True]
+    eos, pad, word = trainer.eos_token_ids[0], trainer._tokenizer.pad_token_id, 100
+    finished, truncated, empty, padded_empty = [word, word, eos], [word, word, word], [eos], [eos, pad]
+    rows = [finished, truncated, empty, padded_empty]
+    assert trainer._unscorable_completions(rows).tolist() == [False, False, False, False]
+    trainer.args.truncated_completions = "unscorable"
+    assert trainer._unscorable_completions(rows).tolist() == [False, True, False, False]
+    trainer.args.truncated_completions, trainer.args.empty_completions = "score", "unscorable"
+    assert trainer._unscorable_completions(rows).tolist() == [False, False, True, True]

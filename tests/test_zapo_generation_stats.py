@@ -11,6 +11,7 @@ including the token sampled last (fed through one more backbone step on generate
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -251,3 +252,74 @@ def test_vllm_and_other_paths_without_generate_hooks_fall_back(tiny_model_path, 
     trainer.tools = None
     trainer.args.zapo_statistics_source = "forward"
     assert trainer._statistics_capture_plan() is None
+
+
+# ---- generate calls whose recorded steps cannot describe the returned rows (issue 26, part 9) -------------------
+
+# TRL's own tests/test_grpo_trainer.py::test_train_with_generation_kwargs (beam sampling, 2 beams per row)
+TRL_GENERATION_KWARGS = {"do_sample": True, "top_k": 50, "num_beams": 2, "length_penalty": -0.1}
+
+
+@pytest.mark.slow
+def test_a_zapo_step_with_trls_beam_generation_kwargs_takes_its_statistics_from_the_forward_pass(
+    tiny_model_path, tmp_path, caplog
+):
+    results = {}
+    for source in ("generation", "forward"):
+        trainer = make_trainer(tiny_model_path, tmp_path, source=source, generation_kwargs=TRL_GENERATION_KWARGS)
+        recorder = Recorder(trainer)
+        calls = count_no_grad_forwards(trainer)
+        with caplog.at_level(logging.WARNING, logger="aapo_trl.trainers.zapo"):
+            trainer.train()
+        results[source] = (trainer, recorder, calls)
+    fallbacks = [r.getMessage() for r in caplog.records if "zapo_statistics_source='generation'" in r.getMessage()]
+    assert len(fallbacks) == 1 and "beam search (num_beams=2)" in fallbacks[0]  # said once, for the generation run
+    trainer, recorder, calls = results["generation"]
+    assert trainer._statistics_capture_plan() is None  # beams: no hooks on generate
+    assert trainer.state.log_history[0]["zapo/stats_forward_frac"] == 1.0
+    assert len(calls) == 1 and calls[0] >= NUM_GENERATIONS  # ZAPO's own forward over the zero-advantage groups
+    _, reference, _ = results["forward"]
+    for ours, theirs in zip(recorder.batches, reference.batches, strict=True):
+        assert ours["completion_ids"] == theirs["completion_ids"]
+        torch.testing.assert_close(ours["advantages"], theirs["advantages"], **TOLERANCE)
+        assert bool((ours["advantages"] != 0).any())
+
+
+@pytest.mark.parametrize("generation_kwargs, reason", [
+    (TRL_GENERATION_KWARGS, "beam"),
+    ({"num_beams": 2}, "beam"),
+    ({"do_sample": True, "num_return_sequences": 2}, "num_return_sequences"),
+    ({"do_sample": False, "penalty_alpha": 0.6, "top_k": 4}, "contrastive_search"),
+    ({"do_sample": True, "prompt_lookup_num_tokens": 3}, "assisted_generation"),
+])
+def test_generation_modes_that_expand_or_reorder_rows_are_not_recorded(generation_kwargs, reason):
+    from transformers import GenerationConfig
+
+    from aapo_trl.trainers.zapo import generation_statistics_unsupported
+
+    assert reason in generation_statistics_unsupported(GenerationConfig(**generation_kwargs))
+    assert generation_statistics_unsupported(GenerationConfig(do_sample=True, top_k=50, top_p=0.9)) is None
+    assert generation_statistics_unsupported(GenerationConfig(do_sample=False)) is None
+
+
+def test_recorded_steps_of_expanded_rows_are_refused_not_stacked(tiny_model_path):
+    """Whatever ``generate`` does, steps recorded for rows other than the returned ones give no statistics."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from aapo_trl.trainers.zapo import _GenerationRecorder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    prompts = tokenizer(["What is 1 + 1?", "What is 2 + 2?", "What is 3 + 3?"], return_tensors="pt")
+    recorder = _GenerationRecorder(model, temperature=1.0)
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            sequences = model.generate(**prompts, **TRL_GENERATION_KWARGS, max_new_tokens=6, min_new_tokens=6,
+                                       pad_token_id=tokenizer.pad_token_id)
+    finally:
+        recorder.remove()
+    completions = sequences[:, prompts["input_ids"].size(1):].tolist()
+    assert len(completions) == 3 and recorder.token_logps[0].size(0) == 6  # the steps ran on 2 beams per row
+    with torch.no_grad():
+        assert recorder.finish(completions, tokenizer.pad_token_id, feed_last_token=True) is None

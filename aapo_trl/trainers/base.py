@@ -33,8 +33,9 @@ from ..advantages import (
     zero_final_advantage_groups,
 )
 from ..reference import push_peft_policy_without_merging
+from ..ref_rollouts import completion_flags
 from ..checkpointing import atomic_write_json, mark_checkpoint_complete, resolve_resume_checkpoint
-from ..configs import CE_LOSS_TYPES
+from ..configs import CE_LOSS_TYPES, completion_is_unscorable
 from ..model_card import ModelCardMixin
 from ..dynamic_sampling import STATE_FILENAME as DYNAMIC_SAMPLING_STATE_FILENAME
 from ..dynamic_sampling import STATE_FORMAT as DYNAMIC_SAMPLING_STATE_FORMAT
@@ -367,20 +368,16 @@ class AdvantageTrainerMixin(ModelCardMixin):
             return super()._compute_loss(model, inputs)
 
     def _unscorable_completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Global bool per row, on the accelerator like the rewards: empty completions, and truncated ones when
-        ``truncated_completions="unscorable"``.
+        """Global bool per row, on the accelerator like the rewards: the completions left out under
+        ``empty_completions`` / ``truncated_completions`` (both ``"score"`` by default: none).
 
-        Such rows carry no usable answer: like a row every reward function returned None for, they are
-        left out of their group's mean/std and get advantage 0 (ALGORITHMS.md section 1).
+        Such rows, like a row every reward function returned None for, are left out of their group's mean/std and
+        get advantage 0 (ALGORITHMS.md section 1). The same rule applies to AAPO's reference completions.
         """
         end_tokens = {*self.eos_token_ids, self._tokenizer.pad_token_id}
-        truncated_unscorable = getattr(self.args, "truncated_completions", "score") == "unscorable"
-        flags = []
-        for ids in completion_ids:
-            empty = all(token in end_tokens for token in ids)
-            truncated = not ids or ids[-1] not in end_tokens
-            flags.append(empty or (truncated and truncated_unscorable))
-        return self.accelerator.gather(torch.tensor(flags, device=self.accelerator.device))
+        empty, truncated = completion_flags(completion_ids, end_tokens)
+        flags = [completion_is_unscorable(self.args, *row) for row in zip(empty, truncated)]
+        return self.accelerator.gather(torch.tensor(flags, dtype=torch.bool, device=self.accelerator.device))
 
     # ---- hooks for subclasses ------------------------------------------------------------------------
 
@@ -443,7 +440,9 @@ def _cross_entropy_term(trainer: AdvantageTrainerMixin):
     paper's normaliser. With the upper clip removed it is the CE loss: on-policy (no old log-probs) the ratio is
     ``exp(log pi - log pi.detach()) == 1`` exactly, so loss and gradient are Eq. 4's; on stale samples the
     detached, unclipped ratio is the importance weight that keeps the gradient that of the current policy
-    (``ce_off_policy_correction``). Running TRL's code keeps all it adds around the term: the MoE router aux
+    (``ce_off_policy_correction``); with ``importance_sampling_level="sequence"`` TRL's ratio, hence the weight, is
+    one per completion, ``exp(mean_t log(pi / pi_old))`` (the configs warn, and refuse TRL's clip settings
+    ``epsilon_high`` and ``delta``, which this term has no use for). Running TRL's code keeps all it adds around the term: the MoE router aux
     loss, the entropy bonus and its adaptive controller, the high-entropy token mask, the off-policy sequence
     mask, the vLLM importance-sampling correction and their metrics. ``loss_type`` and ``epsilon_high`` are
     read nowhere else during a loss computation; both are restored even if it raises, and the clip-ratio

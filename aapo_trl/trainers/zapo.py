@@ -11,7 +11,12 @@ completion tokens. Where they come from (``zapo_statistics_source``):
   entropies and a backbone hook pools the hidden states. Otherwise, on transformers' ``generate``, forward
   hooks on the policy read each decoding step's logits (log-prob of the sampled token and entropy under
   ``softmax(logits / temperature)``, as TRL's training path scores them) and the hidden state of each
-  token fed back (``_GenerationRecorder``).
+  token fed back (``_GenerationRecorder``). That needs each decoding step to run exactly the rows
+  ``generate`` returns, in their order: plain sampling or greedy decoding, one sequence per prompt row. Beam
+  search, several sequences per row, contrastive search, assisted generation, ... expand or reorder the rows
+  (:func:`generation_statistics_unsupported`), so their rounds take the forward pass (logged once, and
+  ``zapo/stats_forward_frac`` says so each step); a recording whose steps do not cover the returned rows one
+  to one is discarded the same way.
 * ``"forward"``, and the rows the first could not collect: ZAPO's own no-grad forward over those rows,
   through TRL's fused LM head (log-probs and entropies without materialising logits) with a forward hook
   on the backbone pooling the hidden states during the same pass.
@@ -19,12 +24,15 @@ completion tokens. Where they come from (``zapo_statistics_source``):
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from accelerate.utils import is_peft_model
+from transformers import GenerationConfig
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.trainer_utils import has_length
 from trl import GRPOTrainer
 from trl.extras.profiling import profiling_context
@@ -42,6 +50,11 @@ from ..entropy import (
 from ..zapo_math import classify_zero_advantage_groups, zapo_advantages
 from .base import AdvantageTrainerMixin, ScoredBatch
 
+logger = logging.getLogger(__name__)
+
+# the decoding loops that run one forward per new token over exactly the rows they return, never reordering them
+ROW_PRESERVING_GENERATION_MODES = (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH)
+
 
 @dataclass
 class CollectedStatistics:
@@ -53,6 +66,26 @@ class CollectedStatistics:
     lengths: torch.Tensor  # (B,) completion tokens the statistics cover
     available: torch.Tensor  # (B,) bool: False where the rows must go through the forward pass
     source: str  # "generation" or "old_logps_forward"
+
+
+def generation_statistics_unsupported(generation_config: GenerationConfig | None) -> str | None:
+    """Why hooks on ``generate`` with this configuration cannot give each returned row its statistics (None: they can).
+
+    The recorder reads one decoding step per new token over the very rows ``generate`` returns. Beams (the rows
+    of a step are the beams, reordered at every step and reduced to the best ones at the end), several sequences
+    per prompt row, and the other decoding loops (contrastive search, assisted generation, DoLa, ...) break that.
+    """
+    if generation_config is None:
+        return None
+    if (generation_config.num_beams or 1) > 1:
+        return f"beam search (num_beams={generation_config.num_beams}) expands and reorders the rows at every step"
+    if (generation_config.num_return_sequences or 1) > 1:
+        return (f"num_return_sequences={generation_config.num_return_sequences} expands each prompt row into several "
+                "sequences")
+    mode = generation_config.get_generation_mode()
+    if mode not in ROW_PRESERVING_GENERATION_MODES:
+        return f"the generation mode {mode.value} does not run one decoding step per new token over the returned rows"
+    return None
 
 
 def _backbone_of(model):
@@ -167,6 +200,9 @@ class _GenerationRecorder:
         steps = self.steps
         if not self.consistent or steps != int(lengths.max()):
             return None
+        rows = len(completion_ids)
+        if self._pending_log_probs.size(0) != rows or any(step.size(0) != rows for step in self.entropies):
+            return None  # the steps ran over other rows than those returned (beams, several sequences per row)
         tokens = torch.full((len(completion_ids), steps), pad_token_id, dtype=torch.long, device=device)
         for row, ids in enumerate(completion_ids):
             tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
@@ -207,6 +243,7 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
     _planned_total_steps: int | None = None
     _statistics_capture: str | None = None  # the pass of this round that records DAER's statistics, until it has
     _collected_statistics: CollectedStatistics | None = None  # what it recorded, for this round's advantages
+    _logged_generation_fallback = False  # the generation config's reason to take the forward pass, said once
 
     def __init__(self, model, reward_funcs=None, args: ZAPOConfig | None = None, *more_args, **kwargs):
         if args is None:
@@ -320,6 +357,15 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             return "old_logps_forward"
         if self.use_vllm or self.use_transformers_continuous_batching or self.tools or self.rollout_func is not None:
             return None  # no hook into the sampling loop, or more than one generation per completion
+        reason = generation_statistics_unsupported(getattr(self, "generation_config", None))
+        if reason is not None:
+            if not self._logged_generation_fallback:
+                logger.warning(
+                    "zapo_statistics_source='generation': %s, so DAER's statistics come from ZAPO's own no-grad "
+                    "forward pass over the zero-advantage groups (zapo/stats_forward_frac).", reason
+                )
+                self._logged_generation_fallback = True
+            return None
         return "generation"
 
     def _generate_single_turn(self, prompt_ids, *args, **kwargs):
