@@ -25,6 +25,7 @@ from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_dataset_mixture
 from .model_card import render_recipe as render_recipe_with_defaults
 from .models import load_model_and_tokenizer, resolve_model_path
+from .recipe_migration import RENAMES, MigrationNote, migrate_recipe
 from .rewards import get_reward_funcs
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,25 @@ class ScriptArguments:
         metadata={"help": "A registered dataset name (e.g. knoveleng/open-rs), a local file/folder, or 'arithmetic'; "
                   "join several with '+' to train on their concatenation (dapo-math-17k+math-lighteval)."},
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_config: str | None = field(
+        default=None,
+        metadata={"help": "The Hub dataset's configuration (TRL's ScriptArguments; datasets.load_dataset's name). "
+                  "None or 'default': the only one."},
+    )
+    dataset_train_split: str = field(
+        default="train",
+        metadata={"help": "Split to train on (TRL's ScriptArguments name; --dataset_split is an alias).",
+                  "aliases": ["--dataset_split"]},
+    )
+    dataset_test_split: str = field(
+        default="test",
+        metadata={"help": "Split evaluated on when eval_strategy is not 'no' (TRL's ScriptArguments name)."},
+    )
+    dataset_prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column the question is read from (open-r1's name), instead of the dataset format's; the "
+                  "user message is still built with the format's template and system prompt."},
+    )
     dataset_levels: list[str] | None = field(
         default=None,
         metadata={"help": "Difficulty levels to keep (MATH/SimpleRL levels, or arithmetic levels such as add1 sub1)."},
@@ -115,17 +134,36 @@ def checkpointing_field_renames() -> dict[str, str]:
 
 
 class _Parser(TrlParser):
-    """TRL's parser, taking the recipes' field names on every transformers of setup.cfg's range."""
+    """TRL's parser, taking the recipes' field names on every transformers of setup.cfg's range, and recipes
+    written for TRL 0.16-era scripts (open-r1, the AAPO authors'): :mod:`aapo_trl.recipe_migration` translates
+    them, and each field it touches is reported in one line."""
+
+    def __init__(self, dataclass_types, algorithm: str = "aapo", **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.algorithm = algorithm
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
+        kwargs, notes = migrate_recipe(kwargs, self.algorithm)
+        report_migration_notes(notes, "the recipe")
         renames = checkpointing_field_renames()
         return super().set_defaults_with_config(**{renames.get(key, key): value for key, value in kwargs.items()})
 
     def parse_args_into_dataclasses(self, args=None, *more, **kwargs):
-        renames = checkpointing_field_renames()
-        if args is not None and renames:
-            args = [_renamed_flag(item, renames) for item in args]
+        if args is not None:
+            renames = {old: new for old, (new, _) in RENAMES.items()}
+            used = [old for old in renames if any(item.split("=")[0] == f"--{old}" for item in args)]
+            report_migration_notes([MigrationNote(f"--{old}", f"renamed to --{renames[old]}", RENAMES[old][1])
+                                    for old in used], "the command line")
+            args = [_renamed_flag(item, {**renames, **checkpointing_field_renames()}) for item in args]
         return super().parse_args_into_dataclasses(args, *more, **kwargs)
+
+
+def report_migration_notes(notes, source: str) -> None:
+    """One line per translated field (on the main process only: every process parses the same recipe)."""
+    if not notes or int(os.environ.get("RANK", "0")) != 0:
+        return
+    for note in notes:
+        print(f"aapo-trl: {source}: {note}", file=sys.stderr)
 
 
 def _renamed_flag(item: str, renames: dict[str, str]) -> str:
@@ -138,7 +176,7 @@ def _renamed_flag(item: str, renames: dict[str, str]) -> str:
 def build_parser(algorithm: str) -> TrlParser:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-    return _Parser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig))
+    return _Parser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig), algorithm=algorithm)
 
 
 def parse_args(algorithm: str, argv: list[str] | None = None):
@@ -199,16 +237,27 @@ def trainer_class(algorithm: str):
     return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer, "zapo": ZAPOTrainer}[algorithm]
 
 
-def load_training_dataset(script_args: ScriptArguments, training_args):
-    """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture)."""
+def load_training_dataset(script_args: ScriptArguments, training_args, split: str | None = None):
+    """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture); its
+    ``dataset_train_split`` unless ``split`` is given."""
     return load_dataset_mixture(
         script_args.dataset_name,
-        split=script_args.dataset_split,
+        split=split or script_args.dataset_train_split,
         system_prompt=script_args.system_prompt,
         levels=script_args.dataset_levels,
         max_samples=script_args.max_train_samples,
         seed=training_args.seed,
+        config=script_args.dataset_config,
+        question_column=script_args.dataset_prompt_column,
     )
+
+
+def load_eval_dataset(script_args: ScriptArguments, training_args):
+    """``dataset_test_split`` of the same prompt set when the run evaluates (eval_strategy not 'no'), else None,
+    as TRL's and open-r1's scripts do."""
+    if training_args.eval_strategy == "no":
+        return None
+    return load_training_dataset(script_args, training_args, split=script_args.dataset_test_split)
 
 
 def load_policy(model_args: ModelConfig, training_args):
@@ -247,12 +296,14 @@ def main(
             f"{len(reward_funcs)} functions ({script_args.reward_funcs}); give one weight per function."
         )
     dataset = load_training_dataset(script_args, training_args)
+    eval_dataset = load_eval_dataset(script_args, training_args)
     model, tokenizer = load_policy(model_args, training_args)
     trainer = trainer_class(algorithm)(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
