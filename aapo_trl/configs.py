@@ -354,11 +354,11 @@ class PromptLengthArguments:
     )
 
     def __post_init__(self):
-        if hasattr(super(), "__post_init__"):
-            super().__post_init__()
         length = self.max_prompt_length
         if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
             raise ValueError(f"max_prompt_length must be a positive number of tokens or None, got {length!r}")
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
 
 
 @dataclass

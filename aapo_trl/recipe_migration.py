@@ -55,6 +55,10 @@ RENAMES: dict[str, tuple[str, str]] = {
     "wandb_log_unique_prompts": ("log_unique_prompts", "TRL 1.16's name"),
     "hub_model_revision": ("hub_revision", "the Hub branch pushes go to; transformers' TrainingArguments name"),
     "dataset_split": ("dataset_train_split", "TRL's ScriptArguments name; dataset_split stays an alias"),
+    "gradient_checkpointing": ("activation_checkpointing", "transformers 5.18's name (the old one is a deprecated "
+                                                           "alias; aapo-trl maps it back on older transformers)"),
+    "gradient_checkpointing_kwargs": ("activation_checkpointing_kwargs", "transformers 5.18's name (see "
+                                                                         "gradient_checkpointing)"),
 }
 """Old name -> (the name that holds the same setting now, why)."""
 
