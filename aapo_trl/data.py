@@ -745,9 +745,10 @@ def _load_hub(spec: DatasetSpec, split: str, data_dir: str | None, config: str |
             )
         data_files = {split: spec.hub_data_files.format(data_dir=data_dir, split=split)}
         return datasets.load_dataset(spec.hub_id, data_files=data_files, split=split)
+    named = {} if config is None else {"name": config}
     if data_dir:
-        return datasets.load_dataset(spec.hub_id, config, data_dir=data_dir, split=split)
-    return datasets.load_dataset(spec.hub_id, config, split=split)
+        return datasets.load_dataset(spec.hub_id, data_dir=data_dir, split=split, **named)
+    return datasets.load_dataset(spec.hub_id, split=split, **named)
 
 
 DEFAULT_CONFIGS = (None, "default")

@@ -284,6 +284,17 @@ def _simplerl_loader(values: dict, notes: list) -> None:
         ))
 
 
+def report_migration_notes(notes: list[MigrationNote], source: str) -> None:
+    """One line on stderr per translated field (main process only: every process parses the same recipe)."""
+    import os
+    import sys
+
+    if not notes or int(os.environ.get("RANK", "0")) != 0:
+        return
+    for note in notes:
+        print(f"aapo-trl: {source}: {note}", file=sys.stderr)
+
+
 def render_migrated(values: dict[str, Any], notes: list[MigrationNote], source: str) -> str:
     """The translated recipe as YAML, the notes as comments above it."""
     import yaml

@@ -25,7 +25,7 @@ from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_dataset_mixture
 from .model_card import render_recipe as render_recipe_with_defaults
 from .models import load_model_and_tokenizer, resolve_model_path
-from .recipe_migration import RENAMES, MigrationNote, migrate_recipe
+from .recipe_migration import RENAMES, MigrationNote, migrate_recipe, report_migration_notes
 from .rewards import get_reward_funcs
 
 logger = logging.getLogger(__name__)
@@ -156,14 +156,6 @@ class _Parser(TrlParser):
                                     for old in used], "the command line")
             args = [_renamed_flag(item, {**renames, **checkpointing_field_renames()}) for item in args]
         return super().parse_args_into_dataclasses(args, *more, **kwargs)
-
-
-def report_migration_notes(notes, source: str) -> None:
-    """One line per translated field (on the main process only: every process parses the same recipe)."""
-    if not notes or int(os.environ.get("RANK", "0")) != 0:
-        return
-    for note in notes:
-        print(f"aapo-trl: {source}: {note}", file=sys.stderr)
 
 
 def _renamed_flag(item: str, renames: dict[str, str]) -> str:

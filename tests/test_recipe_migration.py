@@ -241,3 +241,61 @@ def test_policy_and_reference_see_the_same_left_truncated_prompt(tiny_model_path
     expected = [list(ids)[-limit:] for ids in whole]
     assert policy == expected and seen == [expected]
     assert trainer._metrics["train"]["prompts/truncated_frac"] == [1.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TRL's and open-r1's dataset fields
+# ---------------------------------------------------------------------------------------------------------------
+
+DATASET_FIXTURES = ROOT / "tests" / "fixtures" / "datasets"
+
+
+def test_dataset_config_is_load_datasets_name_and_refused_where_nothing_reads_it(monkeypatch):
+    import datasets
+
+    from aapo_trl.data import load_prompt_dataset
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        return datasets.load_dataset("json", data_files=str(DATASET_FIXTURES / "math-lighteval" / "test.jsonl"),
+                                     split="train")
+
+    original = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: original(*a, **k) if a[0] == "json"
+                        else fake_load_dataset(*a, **k))
+    load_prompt_dataset("math-lighteval", split="test", config="algebra")
+    assert calls == [(("DigitalLearningGmbH/MATH-lighteval",), {"split": "test", "name": "algebra"})]
+    with pytest.raises(ValueError, match="dataset_config='train.parquet'"):
+        load_prompt_dataset("simplelr_qwen_level3to5", config="train.parquet")
+    with pytest.raises(ValueError, match="local path"):
+        load_prompt_dataset(DATASET_FIXTURES / "open-rs", config="all")
+    assert len(load_prompt_dataset(DATASET_FIXTURES / "open-rs", config="default")) > 0
+
+
+def test_dataset_prompt_column_chooses_the_question_column():
+    from aapo_trl.data import load_prompt_dataset
+
+    by_problem = load_prompt_dataset(DATASET_FIXTURES / "open-rs", question_column="problem")
+    assert list(by_problem["question"]) == list(load_prompt_dataset(DATASET_FIXTURES / "open-rs")["question"])
+    by_solution = load_prompt_dataset(DATASET_FIXTURES / "open-rs", question_column="solution")
+    assert by_solution[0]["question"] != by_problem[0]["question"]
+    assert by_solution[0]["prompt"][-1]["content"] == by_solution[0]["question"]  # open-rs: the bare question
+    with pytest.raises(ValueError, match="missing"):
+        load_prompt_dataset(DATASET_FIXTURES / "open-rs", question_column="no_such_column")
+
+
+def test_ref_rollouts_reads_an_old_recipe_as_train_does(tmp_path, capsys):
+    """The reference cache must be scored as training scores: same translation of the recipe."""
+    from aapo_trl.cli import build_parser
+    from aapo_trl.ref_rollouts import resolve_options
+
+    recipe = tmp_path / "old.yaml"
+    recipe.write_text("model_name_or_path: tiny\ntorch_dtype: float32\ndataset_train_split: test\n"
+                      "reward_funcs: [accuracy_lv35, cosine]\nnum_generations: 2\n")
+    args, _ = build_parser().parse_known_args(["ref-rollouts", "--config", str(recipe), "--output-dir", str(tmp_path)])
+    options = resolve_options(args)
+    assert options["reward_funcs"] == ["accuracy", "cosine"] and options["dataset_split"] == "test"
+    assert options["reward_settings"]["cosine_length_unit"] == "characters"
+    assert "aapo-trl: the recipe: reward_funcs[accuracy_lv35]: renamed to accuracy" in capsys.readouterr().err
