@@ -229,27 +229,30 @@ def trainer_class(algorithm: str):
     return {"aapo": AAPOTrainer, "gpg": GPGTrainer, "grpo": GRPOBaselineTrainer, "zapo": ZAPOTrainer}[algorithm]
 
 
-def load_training_dataset(script_args: ScriptArguments, training_args, split: str | None = None):
-    """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture); its
-    ``dataset_train_split`` unless ``split`` is given."""
+def load_training_dataset(script_args: ScriptArguments, training_args):
+    """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture)."""
+    return _load_split(script_args, training_args, script_args.dataset_train_split, script_args.max_train_samples)
+
+
+def load_eval_dataset(script_args: ScriptArguments, training_args):
+    """``dataset_test_split`` of the same prompt set (every row) when the run evaluates (eval_strategy not 'no'),
+    else None, as TRL's and open-r1's scripts do."""
+    if training_args.eval_strategy == "no":
+        return None
+    return _load_split(script_args, training_args, script_args.dataset_test_split, None)
+
+
+def _load_split(script_args: ScriptArguments, training_args, split: str, max_samples: int | None):
     return load_dataset_mixture(
         script_args.dataset_name,
-        split=split or script_args.dataset_train_split,
+        split=split,
         system_prompt=script_args.system_prompt,
         levels=script_args.dataset_levels,
-        max_samples=script_args.max_train_samples,
+        max_samples=max_samples,
         seed=training_args.seed,
         config=script_args.dataset_config,
         question_column=script_args.dataset_prompt_column,
     )
-
-
-def load_eval_dataset(script_args: ScriptArguments, training_args):
-    """``dataset_test_split`` of the same prompt set when the run evaluates (eval_strategy not 'no'), else None,
-    as TRL's and open-r1's scripts do."""
-    if training_args.eval_strategy == "no":
-        return None
-    return load_training_dataset(script_args, training_args, split=script_args.dataset_test_split)
 
 
 def load_policy(model_args: ModelConfig, training_args):
