@@ -141,9 +141,11 @@ class _Parser(TrlParser):
     def __init__(self, dataclass_types, algorithm: str = "aapo", **kwargs):
         super().__init__(dataclass_types, **kwargs)
         self.algorithm = algorithm
+        self.command_line: list[str] = []  # set by parse_args: a --loss_type there decides how beta reads
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
-        kwargs, notes = migrate_recipe(kwargs, self.algorithm)
+        loss_type = _flag_value(self.command_line, "loss_type")
+        kwargs, notes = migrate_recipe({**kwargs, **({"loss_type": loss_type} if loss_type else {})}, self.algorithm)
         report_migration_notes(notes, "the recipe")
         renames = checkpointing_field_renames()
         return super().set_defaults_with_config(**{renames.get(key, key): value for key, value in kwargs.items()})
@@ -156,6 +158,17 @@ class _Parser(TrlParser):
                                     for old in used], "the command line")
             args = [_renamed_flag(item, {**renames, **checkpointing_field_renames()}) for item in args]
         return super().parse_args_into_dataclasses(args, *more, **kwargs)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name value`` / ``--name=value`` in ``argv`` (the last one), or None."""
+    value = None
+    for index, item in enumerate(argv):
+        if item == f"--{name}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif item.startswith(f"--{name}="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def _renamed_flag(item: str, renames: dict[str, str]) -> str:
@@ -176,6 +189,7 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
     the starting point and the given arguments override them (argparse keeps the last value)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(algorithm)
+    parser.command_line = argv
     if "--config" not in argv:
         argv = [item for key, value in embedded_defaults(algorithm).items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):

@@ -299,3 +299,10 @@ def test_ref_rollouts_reads_an_old_recipe_as_train_does(tmp_path, capsys):
     assert options["reward_funcs"] == ["accuracy", "cosine"] and options["dataset_split"] == "test"
     assert options["reward_settings"]["cosine_length_unit"] == "characters"
     assert "aapo-trl: the recipe: reward_funcs[accuracy_lv35]: renamed to accuracy" in capsys.readouterr().err
+
+
+def test_a_kl_loss_chosen_on_the_command_line_keeps_the_recipes_beta(capsys):
+    path = str(FIXTURES / "aapo-authors_open-rs.yaml")
+    _, config, _ = parse_args("aapo", ["--config", path, *CPU_OVERRIDES, "--loss_type", "grpo"])
+    assert config.beta == 0.1 and config.loss_type == "grpo"
+    assert "the recipe: beta:" not in capsys.readouterr().err
