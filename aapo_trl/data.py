@@ -733,16 +733,36 @@ def _load_local(path: Path, split: str):
     return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
 
 
-def _load_hub(spec: DatasetSpec, split: str, data_dir: str | None):
+def _load_hub(spec: DatasetSpec, split: str, data_dir: str | None, config: str | None = None):
     import datasets
 
     data_dir = data_dir or spec.hub_data_dir
     if spec.hub_data_files:
+        if config not in DEFAULT_CONFIGS:
+            raise ValueError(
+                f"dataset_config={config!r}: {spec.name} is read from its files ({spec.hub_data_files}), which "
+                "have no configurations; remove dataset_config."
+            )
         data_files = {split: spec.hub_data_files.format(data_dir=data_dir, split=split)}
         return datasets.load_dataset(spec.hub_id, data_files=data_files, split=split)
+    named = {} if config is None else {"name": config}
     if data_dir:
-        return datasets.load_dataset(spec.hub_id, data_dir=data_dir, split=split)
-    return datasets.load_dataset(spec.hub_id, split=split)
+        return datasets.load_dataset(spec.hub_id, data_dir=data_dir, split=split, **named)
+    return datasets.load_dataset(spec.hub_id, split=split, **named)
+
+
+DEFAULT_CONFIGS = (None, "default")
+"""``dataset_config`` values that name a dataset's only (default) configuration."""
+
+
+def with_question_column(spec: DatasetSpec, column: str | None) -> DatasetSpec:
+    """``spec`` reading its question from ``column`` (open-r1's ``dataset_prompt_column``), its user message still
+    built with the format's template; ``spec`` itself when ``column`` is ``None`` or already its question column."""
+    if column is None or column == spec.question_column:
+        return spec
+    required = (column, *(name for name in spec.required_columns if name != spec.question_column))
+    return dataclasses.replace(spec, question_column=column, question_fn=_question_from_column(column),
+                               required_columns=required)
 
 
 def _spec_from_path(path: Path) -> DatasetSpec | None:
@@ -798,6 +818,8 @@ def load_prompt_dataset(
     dataset_format: str | None = None,
     user_template: str | None = None,
     deduplicate: bool | None = None,
+    config: str | None = None,
+    question_column: str | None = None,
     **arithmetic_kwargs: Any,
 ):
     """Load a training/eval prompt set as a ``datasets.Dataset`` in TRL's conversational format.
@@ -821,6 +843,10 @@ def load_prompt_dataset(
         dataset_format: Registry name of a local file's schema, when it cannot be inferred.
         user_template: Replace the recipe's user message (must contain ``{question}``).
         deduplicate: Drop repeated questions (``None``: the format's default; on for DAPO).
+        config: The Hub dataset's configuration (TRL's ``dataset_config``, ``load_dataset``'s ``name``); a local
+            path or a dataset read from its files takes only ``None`` / ``"default"``.
+        question_column: Read the question from this column instead of the format's (open-r1's
+            ``dataset_prompt_column``); the user message is still built with the format's template.
         **arithmetic_kwargs: Passed to :func:`make_arithmetic_dataset` (``num_train``,
             ``num_test``, ``prompt_style``, ``on_overflow``) for ``"arithmetic"``.
 
@@ -828,6 +854,9 @@ def load_prompt_dataset(
         ``datasets.Dataset`` with ``prompt``, ``solution``, ``row_id``, ``level``, ``question``.
     """
     if str(name_or_path).strip().lower() == ARITHMETIC_NAME:
+        if config not in DEFAULT_CONFIGS or question_column is not None:
+            raise ValueError("the arithmetic dataset has no configurations or columns to choose: remove "
+                             "dataset_config / dataset_prompt_column.")
         if levels is None:
             levels = DEFAULT_ARITHMETIC_LEVELS
         elif isinstance(levels, str) and levels == "all":
@@ -852,6 +881,8 @@ def load_prompt_dataset(
 
     path = Path(str(name_or_path)).expanduser()
     if path.exists():
+        if config not in DEFAULT_CONFIGS:
+            raise ValueError(f"dataset_config={config!r} names a Hub configuration, but {path} is a local path.")
         spec = get_dataset_spec(dataset_format) if dataset_format else _spec_from_path(path)
         split = split or (spec.default_split if spec else "train")
         raw = _load_local(path, split)
@@ -862,8 +893,9 @@ def load_prompt_dataset(
         split = split or spec.default_split
         hub_dir = data_dir or spec.hub_data_dir
         label = spec.hub_id + (f"/{hub_dir}" if hub_dir else "")
-        raw = _load_hub(spec, split, data_dir)
+        raw = _load_hub(spec, split, data_dir, config)
     label = f"{label} [{split}]"
+    spec = with_question_column(spec, question_column)
 
     level_filter = spec.default_levels if levels is None else (None if levels == "all" else levels)
     validate_columns(raw, spec, label, need_level=level_filter is not None)

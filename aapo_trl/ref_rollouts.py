@@ -685,7 +685,7 @@ def _summary(dataset, names: list[str], started: float) -> dict:
 RECIPE_FIELDS = {
     "model_name_or_path": "model",
     "dataset_name": "dataset",
-    "dataset_split": "dataset_split",
+    "dataset_train_split": "dataset_split",
     "dataset_levels": "dataset_levels",
     "system_prompt": "system_prompt",
     "max_train_samples": "max_samples",
@@ -776,8 +776,11 @@ def resolve_options(args: argparse.Namespace) -> dict:
     if args.config:
         import yaml
 
+        from .recipe_migration import migrate_recipe, report_migration_notes
+
         with open(args.config) as handle:
-            recipe = yaml.safe_load(handle) or {}
+            recipe, notes = migrate_recipe(yaml.safe_load(handle) or {}, "aapo")  # old recipes: as `train` reads them
+        report_migration_notes(notes, "the recipe")
     options = dict(DEFAULTS)
     for field, option in RECIPE_FIELDS.items():
         if recipe.get(field) is not None:

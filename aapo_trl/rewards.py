@@ -315,6 +315,20 @@ def format_reward(completions: Sequence, **kwargs) -> list[float]:
     return [1.0 if completion_text(c).count(THINK_CLOSE) == 1 else 0.0 for c in completions]
 
 
+OPEN_R1_FORMAT = re.compile(r"^<think>\n.*?\n</think>\n<answer>\n.*?\n</answer>$", re.DOTALL | re.MULTILINE)
+
+
+@_registered_as("open_r1_format")
+def open_r1_format_reward(completions: Sequence, **kwargs) -> list[float]:
+    """1.0 when the completion is ``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>``, else 0.0.
+
+    open-r1's ``format_reward`` (``re.match`` with DOTALL | MULTILINE, as there). Not the AAPO authors' ``format``,
+    which only asks for the ``\\n</think>\\n`` delimiter (see :func:`format_reward`); ``aapo-trl migrate-recipe``
+    says which is which.
+    """
+    return [1.0 if OPEN_R1_FORMAT.match(completion_text(c)) else 0.0 for c in completions]
+
+
 @_registered_as("tag_count")
 def tag_count_reward(completions: Sequence, **kwargs) -> list[float]:
     """0.25 for each of ``<think>\\n``, ``\\n</think>\\n``, ``\\n<answer>\\n``, ``\\n</answer>`` seen exactly once.
@@ -545,6 +559,7 @@ REWARD_REGISTRY: dict[str, RewardFunc] = {
     for func in (
         accuracy_reward,
         format_reward,
+        open_r1_format_reward,
         tag_count_reward,
         make_cosine_reward(),
         make_accuracy_zapo_reward(),

@@ -25,6 +25,7 @@ from .configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from .data import load_dataset_mixture
 from .model_card import render_recipe as render_recipe_with_defaults
 from .models import load_model_and_tokenizer, resolve_model_path
+from .recipe_migration import RENAMES, MigrationNote, migrate_recipe, report_migration_notes
 from .rewards import get_reward_funcs
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,25 @@ class ScriptArguments:
         metadata={"help": "A registered dataset name (e.g. knoveleng/open-rs), a local file/folder, or 'arithmetic'; "
                   "join several with '+' to train on their concatenation (dapo-math-17k+math-lighteval)."},
     )
-    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_config: str | None = field(
+        default=None,
+        metadata={"help": "The Hub dataset's configuration (TRL's ScriptArguments; datasets.load_dataset's name). "
+                  "None or 'default': the only one."},
+    )
+    dataset_train_split: str = field(
+        default="train",
+        metadata={"help": "Split to train on (TRL's ScriptArguments name; --dataset_split is an alias).",
+                  "aliases": ["--dataset_split"]},
+    )
+    dataset_test_split: str = field(
+        default="test",
+        metadata={"help": "Split evaluated on when eval_strategy is not 'no' (TRL's ScriptArguments name)."},
+    )
+    dataset_prompt_column: str | None = field(
+        default=None,
+        metadata={"help": "Column the question is read from (open-r1's name), instead of the dataset format's; the "
+                  "user message is still built with the format's template and system prompt."},
+    )
     dataset_levels: list[str] | None = field(
         default=None,
         metadata={"help": "Difficulty levels to keep (MATH/SimpleRL levels, or arithmetic levels such as add1 sub1)."},
@@ -115,17 +134,41 @@ def checkpointing_field_renames() -> dict[str, str]:
 
 
 class _Parser(TrlParser):
-    """TRL's parser, taking the recipes' field names on every transformers of setup.cfg's range."""
+    """TRL's parser, taking the recipes' field names on every transformers of setup.cfg's range, and recipes
+    written for TRL 0.16-era scripts (open-r1, the AAPO authors'): :mod:`aapo_trl.recipe_migration` translates
+    them, and each field it touches is reported in one line."""
+
+    def __init__(self, dataclass_types, algorithm: str = "aapo", **kwargs):
+        super().__init__(dataclass_types, **kwargs)
+        self.algorithm = algorithm
+        self.command_line: list[str] = []  # set by parse_args: a --loss_type there decides how beta reads
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
+        loss_type = _flag_value(self.command_line, "loss_type")
+        kwargs, notes = migrate_recipe({**kwargs, **({"loss_type": loss_type} if loss_type else {})}, self.algorithm)
+        report_migration_notes(notes, "the recipe")
         renames = checkpointing_field_renames()
         return super().set_defaults_with_config(**{renames.get(key, key): value for key, value in kwargs.items()})
 
     def parse_args_into_dataclasses(self, args=None, *more, **kwargs):
-        renames = checkpointing_field_renames()
-        if args is not None and renames:
-            args = [_renamed_flag(item, renames) for item in args]
+        if args is not None:
+            renames = {old: new for old, (new, _) in RENAMES.items()}
+            used = [old for old in renames if any(item.split("=")[0] == f"--{old}" for item in args)]
+            report_migration_notes([MigrationNote(f"--{old}", f"renamed to --{renames[old]}", RENAMES[old][1])
+                                    for old in used], "the command line")
+            args = [_renamed_flag(item, {**renames, **checkpointing_field_renames()}) for item in args]
         return super().parse_args_into_dataclasses(args, *more, **kwargs)
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    """The value of ``--name value`` / ``--name=value`` in ``argv`` (the last one), or None."""
+    value = None
+    for index, item in enumerate(argv):
+        if item == f"--{name}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif item.startswith(f"--{name}="):
+            value = item.split("=", 1)[1]
+    return value
 
 
 def _renamed_flag(item: str, renames: dict[str, str]) -> str:
@@ -138,7 +181,7 @@ def _renamed_flag(item: str, renames: dict[str, str]) -> str:
 def build_parser(algorithm: str) -> TrlParser:
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-    return _Parser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig))
+    return _Parser((ScriptArguments, ALGORITHMS[algorithm], ModelConfig), algorithm=algorithm)
 
 
 def parse_args(algorithm: str, argv: list[str] | None = None):
@@ -146,6 +189,7 @@ def parse_args(algorithm: str, argv: list[str] | None = None):
     the starting point and the given arguments override them (argparse keeps the last value)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(algorithm)
+    parser.command_line = argv
     if "--config" not in argv:
         argv = [item for key, value in embedded_defaults(algorithm).items() for item in _as_cli(key, value)] + argv
     if not torch.cuda.is_available() and "--bf16" not in argv and not _config_sets(argv, "bf16"):
@@ -201,13 +245,27 @@ def trainer_class(algorithm: str):
 
 def load_training_dataset(script_args: ScriptArguments, training_args):
     """The prompt set the script arguments name (a registry name, a local file, or a '+' mixture)."""
+    return _load_split(script_args, training_args, script_args.dataset_train_split, script_args.max_train_samples)
+
+
+def load_eval_dataset(script_args: ScriptArguments, training_args):
+    """``dataset_test_split`` of the same prompt set (every row) when the run evaluates (eval_strategy not 'no'),
+    else None, as TRL's and open-r1's scripts do."""
+    if training_args.eval_strategy == "no":
+        return None
+    return _load_split(script_args, training_args, script_args.dataset_test_split, None)
+
+
+def _load_split(script_args: ScriptArguments, training_args, split: str, max_samples: int | None):
     return load_dataset_mixture(
         script_args.dataset_name,
-        split=script_args.dataset_split,
+        split=split,
         system_prompt=script_args.system_prompt,
         levels=script_args.dataset_levels,
-        max_samples=script_args.max_train_samples,
+        max_samples=max_samples,
         seed=training_args.seed,
+        config=script_args.dataset_config,
+        question_column=script_args.dataset_prompt_column,
     )
 
 
@@ -247,12 +305,14 @@ def main(
             f"{len(reward_funcs)} functions ({script_args.reward_funcs}); give one weight per function."
         )
     dataset = load_training_dataset(script_args, training_args)
+    eval_dataset = load_eval_dataset(script_args, training_args)
     model, tokenizer = load_policy(model_args, training_args)
     trainer = trainer_class(algorithm)(
         model=model,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )

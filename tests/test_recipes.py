@@ -306,6 +306,17 @@ def test_zapo_dataset_mix_loads_both_parts_with_unique_row_ids():
     assert list(mixed["question"]) == list(parts[0]["question"]) + list(parts[1]["question"])
 
 
+def one_step_argv(values: dict, model_path, output_dir) -> list[str]:
+    """A recipe's one cheap CPU step: the tiny model, the dataset's local fixture, one prompt per step, 4 new
+    tokens, nothing saved or reported (CPU_OVERRIDES switch the GPU-only fields off)."""
+    group = values["num_generations"]
+    dataset = fixture_for(values["dataset_name"])  # a mix stays a mix: fixture_a+fixture_b
+    return ["--model_name_or_path", str(model_path), "--dataset_name", dataset, "--output_dir", str(output_dir),
+            "--max_steps", "1", "--per_device_train_batch_size", str(group), "--gradient_accumulation_steps", "1",
+            "--max_completion_length", "4", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
+            "--push_to_hub", "false", "--disable_tqdm", "true", "--log_completions", "false"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_one_step(path, tiny_model_path, tmp_path):
@@ -314,11 +325,7 @@ def test_recipe_trains_one_step(path, tiny_model_path, tmp_path):
     values = load(path)
     algorithm = algorithm_of(path)
     group = values["num_generations"]
-    dataset = fixture_for(values["dataset_name"])  # a mix stays a mix: fixture_a+fixture_b
-    argv = ["--model_name_or_path", str(tiny_model_path), "--dataset_name", dataset, "--output_dir", str(tmp_path),
-            "--max_steps", "1", "--per_device_train_batch_size", str(group), "--gradient_accumulation_steps", "1",
-            "--max_completion_length", "4", "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1",
-            "--push_to_hub", "false", "--disable_tqdm", "true", "--log_completions", "false"]
+    argv = one_step_argv(values, tiny_model_path, tmp_path)
     if "generation_batch_size" in values:
         argv += ["--generation_batch_size", str(group)]
     if "soft_overlong_punishment" in values["reward_funcs"]:  # its ramp must fit in the 4 new tokens
@@ -345,3 +352,30 @@ def test_recipe_trains_one_step(path, tiny_model_path, tmp_path):
     if values.get("dynamic_sampling"):
         assert {"dynamic_sampling/rounds", "dynamic_sampling/kept_fraction"} <= logged
     assert (tmp_path / "model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes from the ecosystem (TRL 0.16-era: the AAPO authors', open-r1's), unchanged
+# ---------------------------------------------------------------------------------------------------------------
+
+LEGACY_RECIPES = sorted((ROOT / "tests" / "fixtures" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", LEGACY_RECIPES, ids=lambda p: p.stem)
+def test_legacy_recipe_trains_one_step(path, tiny_model_path, tmp_path, capsys):
+    """A recipe written for TRL 0.16 scripts trains with `aapo-trl train --algorithm aapo --config OLD.yaml` and
+    the same one-step CPU overrides as the project's recipes; each translated field is reported."""
+    values = load(path)
+    script, config, model = parse_args("aapo", ["--config", str(path), *CPU_OVERRIDES,
+                                                *one_step_argv(values, tiny_model_path, tmp_path)])
+    assert "aapo-trl: the recipe: torch_dtype: renamed to dtype" in capsys.readouterr().err
+    assert config.beta == 0.0 and config.max_prompt_length == values["max_prompt_length"]
+
+    summary = main(script, config, model, algorithm="aapo")
+
+    assert summary["steps"] == 1 and summary["reward_mean"] is not None and summary["margin_mean"] is not None
+    logged = set().union(*map(set, json.loads((tmp_path / "metrics.json").read_text())["log_history"]))
+    assert "prompts/truncated_frac" in logged
+    for name in script.reward_funcs:
+        assert any(key.startswith("rewards/") and name in key for key in logged), (name, sorted(logged))

@@ -308,8 +308,8 @@ def test_final_number_gold_not_a_number(gold):
 
 def test_registry_names_and_protocol():
     assert set(REWARD_REGISTRY) == {
-        "accuracy", "format", "tag_count", "cosine", "accuracy_zapo", "final_number", "final_number_zapo",
-        "soft_overlong_punishment",
+        "accuracy", "format", "open_r1_format", "tag_count", "cosine", "accuracy_zapo", "final_number",
+        "final_number_zapo", "soft_overlong_punishment",
     }
     completions = [conv("<think>\nr\n</think>\n\\boxed{14}"), "14"]
     for name, func in REWARD_REGISTRY.items():

@@ -50,6 +50,7 @@ from ..dynamic_sampling import (
     mask_filler_rows,
     merge_generation_rows,
 )
+from ..prompt_truncation import keep_last_tokens
 from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
 
@@ -319,6 +320,31 @@ class AdvantageTrainerMixin(ModelCardMixin):
             self._restore_dynamic_sampling_state(checkpoint)
 
     # ---- seams -------------------------------------------------------------------------------------
+
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's tokenization, then ``max_prompt_length``'s cut (:mod:`aapo_trl.prompt_truncation`).
+
+        Every consumer of the prompt ids (the policy's generation, AAPO's reference requests and batched rows, the
+        returned batch) sees the cut ids, because they all come from here."""
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        limit = getattr(self.args, "max_prompt_length", None)
+        if limit is None:
+            return prompt_ids, images, multimodal_fields
+        kept, cut = keep_last_tokens(prompt_ids, limit)
+        if cut and (images is not None or multimodal_fields):
+            raise ValueError(
+                f"max_prompt_length={limit} would cut {cut} prompt(s) with images, whose image tokens must stay whole; "
+                "raise max_prompt_length or set it to None."
+            )
+        if cut and getattr(self.args, "reference_source", None) == "cache":
+            raise ValueError(
+                f"max_prompt_length={limit} cuts {cut} prompt(s), but reference_source='cache' holds reference "
+                "rewards sampled on whole prompts: the margin would compare answers to different prompts. Raise "
+                "max_prompt_length, set it to None, or sample the reference online."
+            )
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["prompts/truncated_frac"].append(cut / max(len(kept), 1))
+        return kept, images, multimodal_fields
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
