@@ -1,7 +1,7 @@
 """The advantage maths of GRPO, AAPO and GPG, and the cross-entropy policy loss they share.
 
 Every function here is pure (tensors in, tensors out) and free of TRL so the formulas in
-``shared/spec/ALGORITHMS.md`` can be checked line by line and unit-tested against its vectors.
+``docs/ALGORITHMS.md`` (sections 1, 2 and 4) can be checked line by line and unit-tested against its vectors.
 
 Conventions shared by every function:
 

@@ -59,7 +59,7 @@ The built-in arithmetic set
 ---------------------------
 :func:`make_arithmetic_dataset` procedurally generates small integer problems, from easiest to
 hardest :data:`ARITHMETIC_LEVELS`. It needs no files or network and is where SmolLM2-135M-Instruct
-measurably learns (shared/spec/TESTBED.md: 1-digit arithmetic). Because the model rarely writes
+measurably learns (1-digit arithmetic; benchmarks/README.md, "Why 1-digit arithmetic"). Because the model rarely writes
 ``\\boxed{}`` unprompted, each user message carries a short instruction and one worked example
 (:data:`ARITHMETIC_USER_TEMPLATE`).
 
@@ -910,7 +910,7 @@ def load_prompt_dataset(
 # The built-in arithmetic dataset
 # --------------------------------------------------------------------------------------------
 
-#: Levels from easiest to hardest (shared/spec/TESTBED.md "Difficulty" table).
+#: Levels from easiest to hardest (docs/RESULTS.md, section 1: the difficulty mix).
 ARITHMETIC_LEVELS: tuple[str, ...] = (
     "add1", "sub1", "mul1", "add2", "sub2", "mul12", "mul22", "lineq"
 )

@@ -1,9 +1,9 @@
 """The published numbers of the AAPO and ZAPO papers, for printing beside ours.
 
-Sources (the copies the project works from are in ``shared/papers/``):
+Sources:
 
 * **AAPO** -- Xiong, Zhou, Ye, Huang, Dou, "AAPO: Enhancing the Reasoning Capabilities of LLMs with
-  Advantage Margin" (``aapo-paper.txt``).
+  Advantage Margin" (arXiv 2505.14264).
   - Table 1: pass@1 on the five benchmarks. Rows marked with a dagger are the authors'
     re-evaluations: Qwen-family models with lighteval + vLLM (App. C.3: temperature 0.6, top_p 0.95,
     as open-rs), Llama-family models with vLLM and SimpleRL-Zoo's evaluation script.
@@ -11,7 +11,7 @@ Sources (the copies the project works from are in ``shared/papers/``):
   - Table 7: pass@k, k in {8, 16, 32, 64}, from 64 samples per problem (App. D.3). No average.
   - Table 8: the numbers reported in each baseline's own paper (App. E); "-" means not reported.
 * **ZAPO** -- anonymous, "Useless, or Untapped? Unlocking the Full Value of Zero-Advantage Samples
-  for Better Policy Optimization" (under review; ``zapo-paper.md``).
+  for Better Policy Optimization" (under double-blind review).
   - Table 1: pass@1, verl evaluation at temperature 1.0, each evaluation repeated 4 times (Sec. 4.1,
     App. B); baselines other than GRESO are copied from SEED-GRPO or their own papers. Its columns are
     printed there in the order AMC, MATH500, Minerva, Olympiad, AIME24; here they are stored by

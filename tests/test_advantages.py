@@ -1,4 +1,4 @@
-"""The spec's vectors (shared/spec/ALGORITHMS.md sections 1, 2, 4) and the edge cases around them."""
+"""The spec's vectors (docs/ALGORITHMS.md sections 1, 2, 4) and the edge cases around them."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Semantic entropy and token entropy reductions (shared/spec/ALGORITHMS.md sections 3.2-3.3)."""
+"""Semantic entropy and token entropy reductions (docs/ALGORITHMS.md sections 3.2-3.3)."""
 
 import math
 import warnings

@@ -1,4 +1,4 @@
-"""ZAPO's DAER / TDAR / final advantage (shared/spec/ALGORITHMS.md sections 3.1, 3.4-3.6)."""
+"""ZAPO's DAER / TDAR / final advantage (docs/ALGORITHMS.md sections 3.1, 3.4-3.6)."""
 
 import math
 import warnings
