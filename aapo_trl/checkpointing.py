@@ -12,18 +12,28 @@ import json
 import os
 import re
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 CHECKPOINT_MARKER = "aapo_trl_checkpoint.json"
 _CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 
-def atomic_write_json(path: str | os.PathLike, payload: Any) -> None:
-    """Write ``payload`` as strict JSON (no NaN literals) so that a crash leaves the old file or the new one."""
+def atomic_write_json(
+    path: str | os.PathLike, payload: Any, *, indent: int | None = None, sort_keys: bool = False,
+    default: Callable[[Any], Any] | None = None, allow_nan: bool = False,
+) -> None:
+    """Write ``payload`` as JSON so that a crash leaves the old file or the new one, never a partial file.
+
+    The one atomic JSON writer of the project (checkpoint state, GRESO state, the reference-rollout cache's progress
+    and metadata, the mini-reproduction's results). Strict JSON (no NaN literals) unless ``allow_nan``; compact unless
+    ``indent``; ``default`` as in :func:`json.dumps` (e.g. ``str`` for paths).
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    text = json.dumps(payload, allow_nan=False, separators=(",", ":"))
+    separators = None if indent is not None else (",", ":")
+    text = json.dumps(payload, allow_nan=allow_nan, separators=separators, indent=indent, sort_keys=sort_keys,
+                      default=default) + "\n"
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

@@ -8,7 +8,7 @@
 
 Every cached folder is produced by :func:`_build_cached_folder`: it is built in a temporary
 directory next to its final place, a marker file is written into it last, and the directory is then
-renamed into place, all under an ``fcntl`` file lock, so that concurrent processes (e.g.
+renamed into place, all under a ``filelock`` lock (every platform), so that concurrent processes (e.g.
 ``accelerate launch --num_processes 2``) convert once and an interrupted conversion is redone.
 """
 
@@ -27,10 +27,7 @@ from typing import Callable, Iterator
 
 import torch
 
-try:  # POSIX only; without it (Windows) concurrent first calls are simply not serialised.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
+from filelock import FileLock, Timeout
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +99,18 @@ def is_complete(folder: str | os.PathLike) -> bool:
 
 @contextlib.contextmanager
 def _file_lock(lock_path: Path, what: str = "") -> Iterator[None]:
+    """filelock's lock on ``lock_path``, saying so in the log when another process holds it."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                logger.info("Waiting for another process to finish building %s (%s)", what, lock_path)
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logger.info("Waiting for another process to finish building %s (%s)", what, lock_path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _make_readable(folder: Path) -> None:

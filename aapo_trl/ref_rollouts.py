@@ -57,6 +57,8 @@ from typing import Any
 
 import torch
 
+from .checkpointing import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 REF_REWARDS = "ref_rewards"
@@ -446,9 +448,7 @@ def _dataset_fingerprint(dataset) -> str:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write_json(path, payload, indent=2, sort_keys=True, default=str)
 
 
 def _write_shard(path: Path, rows: dict[str, list]) -> None:

@@ -67,6 +67,8 @@ def bound_request_time(session, timeout: float) -> None:
     """
     from requests.adapters import HTTPAdapter
 
+    # requests has no session-wide time-out: a transport adapter that fills in each send's ``timeout`` is requests'
+    # own way to give every call of a session one, and VLLMClient's sends go through its mounted adapters.
     class DeadlineAdapter(HTTPAdapter):
         def send(self, request, stream=False, timeout=None, **kwargs):
             return super().send(request, stream=stream, timeout=bound if timeout is None else timeout, **kwargs)

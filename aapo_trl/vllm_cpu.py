@@ -75,6 +75,9 @@ def free_port() -> int:
 
 
 def server_is_healthy(url: str) -> bool:
+    """One probe of ``/health``. Not TRL's ``VLLMClient.check_server``: that needs vLLM importable (this runs where
+    it is not, against a server in another environment), sends without a time-out, and retries on its own clock
+    while :func:`vllm_server`'s loop must also notice the server process exiting."""
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
             return response.status == 200

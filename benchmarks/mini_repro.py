@@ -123,10 +123,9 @@ def _offline() -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    from aapo_trl.checkpointing import atomic_write_json
+
+    atomic_write_json(path, payload, indent=2, default=str, allow_nan=True)  # a run's log may hold NaN losses
 
 
 def _peak_rss_gb() -> float:
