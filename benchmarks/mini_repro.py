@@ -43,7 +43,8 @@ optimizer step, completions generated per trained group with signal, and wall se
 Held-out accuracy before and after training, on the held-out problems of the same levels: greedy, and
 pass@1 over ``--eval-samples`` (4) samples at the training temperature, under the training token budget;
 a completion that hits the budget without stopping counts as wrong (in training the recipe keeps such
-completions unscorable, ``truncated_completions="unscorable"``, the setting its published runs used).
+completions unscorable, ``truncated_completions="unscorable"``, and empty ones, ``empty_completions="unscorable"``:
+the settings its published runs used, both the defaults then).
 "Before" is the base model, evaluated once per seed (the sampling seed) and reused by every algorithm
 (``DIR/base-eval-seed<S>.json``).
 
@@ -94,8 +95,9 @@ RECIPE = {
     "save_strategy": "no",
     "report_to": "none",
     "disable_tqdm": True,
-    # the published runs (docs/RESULTS.md) were trained when this was the default; pinned so that they reproduce
+    # the published runs (docs/RESULTS.md) were trained when these were the defaults; pinned so that they reproduce
     "truncated_completions": "unscorable",
+    "empty_completions": "unscorable",
 }
 REWARDS = {
     "zapo": (["final_number_zapo", "final_number"], [1.0, 0.0]),
