@@ -7,8 +7,8 @@ completion (token ids) per prompt row:
 
 * ``"model"``: :class:`FrozenCopyReference` (a deep copy of the initial policy, or TRL's own
   ``ref_model`` when a KL term already made one) or :class:`PeftBaseReference` (the PEFT policy run
-  with a frozen copy of its initial adapter, or with its adapters switched off when the initial adapter
-  is a fresh LoRA, which adds nothing), sampled with transformers ``generate``.
+  with a frozen copy of its whole initial adapter, or with its adapters switched off when the initial adapter
+  is a fresh LoRA, which adds nothing), sampled with transformers ``generate`` in eval mode (no dropout).
 * ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
   checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
   never receives weights, except the policy's at ``ref_update_steps`` boundaries. By default its request is
@@ -564,30 +564,31 @@ class PeftBaseReference:
         return sample_reference_completions(trainer, self, prompt_ids)
 
     @staticmethod
-    def vllm_weights_unsupported(model) -> str | None:
-        """Why :meth:`named_weights` cannot describe this PEFT model's reference as checkpoint weights (None: it can)."""
+    def check_checkpoint_weights(model) -> None:
+        """Raise where :meth:`named_weights` cannot describe this PEFT model's reference as the weights of a checkpoint
+        (what ``vllm_colocate`` loads into the engine): the "ref" copy is not a plain LoRA, or it changes one of the
+        embeddings the model ties."""
         if INITIAL_ADAPTER not in model.peft_config:
-            return None
+            return
+        reason = None
         if not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
-            return ("the reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
-                    "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens)")
-        tied = _tied_embeddings_adapted(model, INITIAL_ADAPTER)
-        if tied:
-            return (f"the model ties its input and output embeddings and the initial adapter changes {tied}; vLLM "
-                    "loads the tied pair as one tensor, so it would run another model")
-        return None
+            reason = ("the reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
+                      "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens)")
+        elif tied := _tied_embeddings_adapted(model, INITIAL_ADAPTER):
+            reason = (f"the model ties its input and output embeddings and the initial adapter changes {tied}; vLLM "
+                      "loads the tied pair as one tensor, so it would run another model")
+        if reason:
+            raise NotImplementedError(
+                f"reference_source='vllm_colocate': {reason}. Use reference_source='model', or serve the merged "
+                "initial model with reference_source='vllm_server'."
+            )
 
     def named_weights(self, trainer):
         """The reference weights of the PEFT policy under the checkpoint's names, the policy's adapter left alone:
         the base weights, plus the frozen "ref" adapter's LoRA deltas (merged, so without dropout) and
         ``modules_to_save`` copies if it has one."""
         model = trainer.accelerator.unwrap_model(trainer.model)
-        reason = self.vllm_weights_unsupported(model)
-        if reason:
-            raise NotImplementedError(
-                f"reference_source='vllm_colocate': {reason}. Use reference_source='model', or serve the merged "
-                "initial model with reference_source='vllm_server'."
-            )
+        self.check_checkpoint_weights(model)
         adapters = (INITIAL_ADAPTER,) if INITIAL_ADAPTER in model.peft_config else ()
         yield from peft_weights_for_vllm(model, adapters, DistributedBackend(trainer.accelerator))
 
@@ -956,8 +957,9 @@ class ColocatedVLLMReference:
     generation sees a step it has not loaded and pushes the policy weights back (``sync_weights``).
     Each generation batch therefore costs two weight loads into the engine.
 
-    The reference weights are a frozen copy kept on the CPU (no accelerator memory), or, with PEFT,
-    the policy's base weights with the adapters left unmerged.
+    The reference weights are a frozen copy kept on the CPU (no accelerator memory), or, with PEFT, the policy's
+    base weights with the frozen initial adapter's LoRA deltas merged into copies of them
+    (:meth:`PeftBaseReference.named_weights`): merged weights run no dropout.
     """
 
     kind = "vllm_colocate"
@@ -1021,12 +1023,8 @@ def make_reference(trainer, reference_model: torch.nn.Module | None = None):
     elif is_peft_model(trainer.model):
         keep_initial_adapter(trainer.model)
         weights = PeftBaseReference()
-        reason = weights.vllm_weights_unsupported(trainer.model) if source == "vllm_colocate" else None
-        if reason:  # before any step is spent
-            raise NotImplementedError(
-                f"reference_source='vllm_colocate': {reason}. Use reference_source='model', or serve the merged "
-                "initial model with reference_source='vllm_server'."
-            )
+        if source == "vllm_colocate":  # before any step is spent
+            weights.check_checkpoint_weights(trainer.model)
     elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds (and placed) one
         weights = FrozenCopyReference(trainer.ref_model)
     elif source == "vllm_colocate":  # only its weights are read: off the accelerator unless sharded
