@@ -438,7 +438,7 @@ def keep_initial_adapter(model) -> None:
 
 def _without_dropout(config):
     """A copy of a PEFT adapter config whose adapter applies no dropout (the frozen reference's copy)."""
-    config = copy.copy(config)
+    config = copy.deepcopy(config)  # nothing shared: PEFT may complete an adapter's config when it adds it
     if hasattr(config, "lora_dropout"):
         config.lora_dropout = 0.0
     return config

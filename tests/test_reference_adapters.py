@@ -2,8 +2,8 @@
 
 A policy that arrives with a trained adapter (an SFT adapter, a resumed run) is referenced with a frozen copy of that
 adapter ("ref"). The copy must hold the *whole* adapter: LoRA factors of linear and embedding layers, trainable-token
-deltas, ``modules_to_save`` copies, DoRA magnitudes. For each kind, the reference's logits are compared with the
-initial policy's where the trainer reads them:
+deltas, ``modules_to_save`` copies, DoRA magnitudes, LoRA biases. For each kind, the reference's logits are compared
+with the initial policy's where the trainer reads them:
 
 * the separate sampler (``PeftBaseReference.generation_model``),
 * the row-block batched default (``adapter_row_blocks``, in training mode, as TRL's generate call runs it),
@@ -48,6 +48,7 @@ ADAPTER_KINDS = {
     "trainable_tokens": {"target_modules": ["q_proj"], "trainable_token_indices": TOKEN_INDICES},
     "modules_to_save": {"target_modules": ["q_proj"], "modules_to_save": ["lm_head"]},
     "dora": {"target_modules": ["q_proj", "v_proj"], "use_dora": True},
+    "lora_bias": {"target_modules": ["q_proj", "v_proj"], "lora_bias": True},
 }
 #: Where each kind's reference runs: the row-block batched path needs plain LoRA; vllm_colocate needs plain LoRA and,
 #: on a model with tied embeddings (the tiny model), an adapter that leaves both embeddings alone.
