@@ -234,6 +234,15 @@ def test_keep_initial_adapter_copies_every_tensor_and_refuses_trained_base_biase
         keep_initial_adapter(trained_policy(tiny_model_path, "lora_linear", bias="all"))
 
 
+def test_a_policy_with_its_own_ref_adapter_is_refused_before_training(tiny_model_path, tmp_path):
+    """AAPO (and TRL's KL term) name the frozen copy "ref"; an adapter of the user's under that name would be taken
+    for the initial policy, or overwritten."""
+    policy = trained_policy(tiny_model_path, "lora_linear")
+    policy.add_adapter("ref", adapter_config("lora_linear"))
+    with pytest.raises(ValueError, match="already has an adapter named 'ref'"):
+        make_aapo_trainer(policy, tmp_path)
+
+
 @pytest.mark.parametrize("kind", list(ADAPTER_KINDS))
 def test_adapter_is_identity_only_when_the_adapter_changes_nothing(tiny_model_path, kind):
     """A fresh adapter (PEFT's default initialisation) may be called the identity only if the model with it computes

@@ -105,7 +105,9 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                                        reference_processing_class)
         if args.reference_source == "cache" and args.ref_rollouts_path is not None:
             more_args, kwargs = _with_ref_rollouts(args, more_args, kwargs)
-        if isinstance(model, torch.nn.Module) and is_peft_model(model) and INITIAL_ADAPTER in model.peft_config:
+        peft_reference = reference_model is None and args.reference_source in ("model", "vllm_colocate")
+        if peft_reference and isinstance(model, torch.nn.Module) and is_peft_model(model) and (
+                INITIAL_ADAPTER in model.peft_config):
             raise ValueError(
                 f"The PEFT policy already has an adapter named {INITIAL_ADAPTER!r}, the name AAPO (like TRL's KL term) "
                 "gives the frozen copy of the initial adapter it builds itself. Rename or delete that adapter."
