@@ -482,9 +482,10 @@ class AAPOConfig(
             (reference rows run the adapters-off base, or the frozen copy of the initial adapter `"ref"`): the same
             weights and sampling settings per row as `"separate"`, which runs a second `generate` call for the
             reference. `"auto"` (the default) is `"batched"` wherever it applies (plain LoRA adapters, unmerged, no
-            vLLM, tools, vision inputs or beams) and `"separate"` elsewhere; an explicit `"batched"` that cannot apply
-            is an error. The batched call's generation batch is twice as tall (twice the KV cache of one call); set
-            `"separate"` where that memory matters more than the time (docs/RESULTS.md, section 2).
+            vLLM, tools, vision inputs, beams or dropout in the base model) and `"separate"` elsewhere; an explicit
+            `"batched"` that cannot apply is an error. Either way the reference samples without dropout. The batched
+            call's generation batch is twice as tall (twice the KV cache of one call); set `"separate"` where that
+            memory matters more than the time (docs/RESULTS.md, section 2).
         reference_vllm_server_base_url (`str`, *optional*):
             Base URL of the reference vLLM server (e.g. `"http://localhost:8001"`); overrides host and port.
         reference_vllm_server_host (`str`, *optional*):
@@ -583,8 +584,9 @@ class AAPOConfig(
             "own generate call (reference rows run the adapters-off base or the frozen initial adapter 'ref'; same "
             "weights and sampling settings per row as 'separate'); 'separate' runs a second generate call for the "
             "reference (half the generation batch, hence half its KV cache). 'auto' (the default): 'batched' where "
-            "it applies (plain unmerged LoRA, transformers generation, no tools, vision inputs or beams), else "
-            "'separate'. An explicit 'batched' that cannot apply is an error.",
+            "it applies (plain unmerged LoRA, transformers generation, no tools, vision inputs, beams or dropout in the "
+            "base model), else 'separate'. An explicit 'batched' that cannot apply is an error. Either way the "
+            "reference samples without dropout (the policy keeps TRL's training-mode dropout).",
             "choices": list(REFERENCE_GENERATIONS),
         },
     )

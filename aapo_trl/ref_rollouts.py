@@ -19,8 +19,12 @@ weights as in training, and written as the training dataset plus these columns, 
 * ``ref_truncated``: the response hit ``max_completion_length`` without an EOS, and ``ref_empty``: it has no
   token before its EOS (the trainer applies its ``truncated_completions`` / ``empty_completions`` policies
   to them, as to its own completions);
-* ``ref_completion_lengths``, ``ref_completions`` (the text, for inspection) and, with
-  ``--save-completion-ids``, ``ref_completion_ids``.
+* ``ref_completion_lengths``, ``ref_completions`` (the decoded text, special tokens skipped, for inspection) and,
+  with ``--save-completion-ids``, ``ref_completion_ids``.
+
+The reward functions receive each completion as the trainer's TRL builds the policy's
+(:func:`aapo_trl.reference.decode_completions`: with a conversational dataset and a tokenizer that carries a response
+template, TRL's ``parse_response`` of the ids after the prompt's).
 
 The work is split into shards of ``--shard-size`` prompts, each written atomically under
 ``DIR/shards/`` with a fixed seed of its own: a killed run started again with the same command skips the
@@ -502,6 +506,7 @@ def build_ref_rollouts(
     from transformers import GenerationConfig
 
     from .advantages import combine_reward_functions
+    from .reference import decode_completions
     from .validation import resolve_reward_funcs
 
     if num_generations < 1:
@@ -592,12 +597,11 @@ def build_ref_rollouts(
         flat_ids = [ids for per_prompt in samples for ids in per_prompt]
         if len(flat_ids) != len(rows) * num_generations:
             raise RuntimeError(f"the sampler returned {len(flat_ids)} completions for {len(rows)} x {num_generations}")
-        texts = tokenizer.batch_decode(flat_ids, skip_special_tokens=True)
-        from trl.data_utils import is_conversational
-
-        conversational = is_conversational({"prompt": rows[0]["prompt"]})
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+        texts = tokenizer.batch_decode(flat_ids, skip_special_tokens=True)  # the REF_COMPLETIONS column
         expanded = [row for row in rows for _ in range(num_generations)]
+        expanded_prompt_ids = [ids for ids in prompt_ids for _ in range(num_generations)]
+        completions = decode_completions(tokenizer, [row["prompt"] for row in expanded], expanded_prompt_ids,
+                                         flat_ids)
         per_func = score_completions(funcs, expanded, completions, flat_ids)
         empty, truncated = completion_flags(flat_ids, end_tokens)  # the trainer applies its policies to both
         combined = combine_reward_functions(per_func, weights)

@@ -7,8 +7,8 @@ completion (token ids) per prompt row:
 
 * ``"model"``: :class:`FrozenCopyReference` (a deep copy of the initial policy, or TRL's own
   ``ref_model`` when a KL term already made one) or :class:`PeftBaseReference` (the PEFT policy run
-  with a frozen copy of its initial adapter, or with its adapters switched off when the initial adapter
-  is a fresh LoRA, which adds nothing), sampled with transformers ``generate``.
+  with a frozen copy of its whole initial adapter, or with its adapters switched off when the initial adapter
+  is a fresh LoRA, which adds nothing), sampled with transformers ``generate`` in eval mode (no dropout).
 * ``"vllm_server"``: :class:`VLLMServerReference`, a second vLLM server started on the reference
   checkpoint (``trl vllm-serve --model BASE --port 8001``), reached through TRL's ``VLLMClient``. It
   never receives weights, except the policy's at ``ref_update_steps`` boundaries. By default its request is
@@ -303,11 +303,13 @@ INITIAL_ADAPTER = "ref"  # TRL's name for the frozen copy of the initial adapter
 def adapter_is_identity(model, adapter: str) -> bool:
     """Whether the PEFT ``adapter`` provably leaves ``model`` computing its base model.
 
-    Only a plain LoRA adapter (no DoRA, no LoRA bias, no trainable tokens) whose B matrices are all zero
-    (PEFT's default initialisation: a fresh ``peft_config``) and whose ``modules_to_save`` copies still equal
-    the modules they copy. Anything else (an SFT adapter, a resumed run, ``init_lora_weights=False``, PiSSA,
-    which moves part of the base weights into the adapter) is not. Read when the trainer is built, before
-    DeepSpeed partitions anything: PEFT creates the adapter tensors outside ``zero.Init``, so they are whole.
+    Only a plain LoRA adapter (no DoRA, no LoRA bias, no trainable tokens) in which every LoRA pair has an all-zero
+    factor (PEFT's default initialisation, a fresh ``peft_config``: B = 0 for linear layers, A = 0 for embeddings)
+    and whose ``modules_to_save`` copies still equal the modules they copy. Anything else (an SFT adapter, a resumed
+    run, ``init_lora_weights=False``, PiSSA, which moves part of the base weights into the adapter, trainable-token
+    deltas, whatever their values) is not. Read when the trainer is built, before DeepSpeed partitions anything:
+    PEFT creates the adapter tensors outside ``zero.Init``, so they are whole (a ``modules_to_save`` copy of a
+    partitioned module compares unequal, so it is not called the identity).
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
@@ -316,8 +318,8 @@ def adapter_is_identity(model, adapter: str) -> bool:
         return False
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            for b_matrices in (module.lora_B, module.lora_embedding_B):
-                if adapter in b_matrices and any(p.detach().count_nonzero() for p in _parameters(b_matrices[adapter])):
+            for factors in ((module.lora_A, module.lora_B), (module.lora_embedding_A, module.lora_embedding_B)):
+                if adapter in factors[0] and not any(_all_zero(f[adapter]) for f in factors):
                     return False
         elif isinstance(module, ModulesToSaveWrapper) and adapter in module.modules_to_save:
             copy_state = module.modules_to_save[adapter].state_dict()
@@ -327,6 +329,10 @@ def adapter_is_identity(model, adapter: str) -> bool:
             ):
                 return False
     return True
+
+
+def _all_zero(module_or_tensor) -> bool:
+    return not any(p.detach().count_nonzero() for p in _parameters(module_or_tensor))
 
 
 def _is_plain_lora(config) -> bool:
@@ -344,36 +350,120 @@ def _parameters(module_or_tensor):
     return [module_or_tensor]
 
 
+def _tied_embeddings_adapted(model, adapter: str) -> str | None:
+    """Which of the tied input and output embeddings of ``model`` the PEFT ``adapter`` changes (None: untied, or
+    neither)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    def base_weight(module):
+        if isinstance(module, BaseTunerLayer):
+            module = module.get_base_layer()
+        elif isinstance(module, AuxiliaryTrainingWrapper):
+            module = module.original_module
+        return getattr(module, "weight", None)
+
+    def adapts(module) -> bool:
+        if isinstance(module, BaseTunerLayer):
+            return adapter in module._all_available_adapter_names()
+        return isinstance(module, AuxiliaryTrainingWrapper) and adapter in module._adapters
+
+    base = model.get_base_model()
+    embeddings = {"the input embeddings": base.get_input_embeddings(), "the output embeddings": base.get_output_embeddings()}
+    if any(module is None for module in embeddings.values()):
+        return None
+    weights = [base_weight(module) for module in embeddings.values()]
+    if weights[0] is None or weights[0] is not weights[1]:
+        return None
+    return next((name for name, module in embeddings.items() if adapts(module)), None)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module):
+    """Run ``model`` in eval mode (no dropout), then give every module back the mode it had."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 def keep_initial_adapter(model) -> None:
     """Make the PEFT policy able to run as it is now (step 0): a frozen copy of its active adapter, named "ref".
 
-    Nothing to do when TRL already added that copy (``beta != 0`` with a ``PeftModel``) or when the adapter
-    is provably the identity (:func:`adapter_is_identity`): the policy with adapters off *is* then the
-    initial policy. TRL's KL term samples the "ref" adapter too when present, so both references agree.
+    The copy is the whole adapter, taken with PEFT's own state-dict API (``get_peft_model_state_dict`` /
+    ``set_peft_model_state_dict``): LoRA factors of linear and embedding layers, DoRA magnitudes, trainable-token
+    deltas, ``modules_to_save`` copies, whatever the adapter type keeps. Its parameters are frozen and its config
+    has no dropout (``lora_dropout=0``): the reference is the initial policy, not a dropout sample of it. The
+    policy's adapter stays active and trainable. When TRL already added a "ref" adapter (``beta != 0`` with a
+    ``PeftModel``, copied by the name pattern ``.default.``, which misses embedding-LoRA and trainable-token
+    tensors), it is replaced by this copy, which TRL's KL term then reads too. Nothing is copied when the adapter
+    is provably the identity (:func:`adapter_is_identity`): the policy with adapters off *is* then the initial
+    policy.
+
+    A LoRA ``bias`` other than ``"none"`` trains the base model's biases, which the reference shares: refused.
     """
     adapter = model.active_adapter
-    if INITIAL_ADAPTER in model.peft_config or adapter_is_identity(model, adapter):
+    config = model.peft_config[adapter]
+    if getattr(config, "bias", "none") != "none":
+        raise ValueError(
+            f"The PEFT adapter {adapter!r} has bias={config.bias!r}, which trains the base model's own biases; AAPO's "
+            "PEFT reference runs on those base weights, so it would move with the policy. Use bias='none' (LoRA "
+            "biases of their own: lora_bias=True), or pass reference_model= (the initial policy, merged)."
+        )
+    made_by_trl = INITIAL_ADAPTER in model.peft_config
+    if not made_by_trl and adapter_is_identity(model, adapter):
         return
     if len(model.active_adapters) > 1:
         raise NotImplementedError(
             f"AAPO's PEFT reference copies one active adapter; this model has {model.active_adapters}. Merge them, "
             "or pass reference_model= (the initial policy, merged)."
         )
+    if made_by_trl:
+        model.delete_adapter(INITIAL_ADAPTER)
     try:
-        model.add_adapter(INITIAL_ADAPTER, model.peft_config[adapter])
+        model.add_adapter(INITIAL_ADAPTER, _without_dropout(config))
     except ValueError as error:  # e.g. peft < 0.20 with target_parameters allows a single adapter (peft#3340)
         raise ValueError(
             f"AAPO's reference must be the initial policy, i.e. the base model plus the adapter {adapter!r} as it is "
             f"now, but PEFT could not add a frozen copy of that adapter ({error}). Upgrade peft, or pass "
             "reference_model= (the initial policy, merged)."
         ) from error
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if f".{adapter}." in name:
-                frozen = model.get_parameter(name.replace(f".{adapter}.", f".{INITIAL_ADAPTER}."))
-                frozen.data.copy_(param.data)
-                frozen.requires_grad_(False)
+    copy_adapter_weights(model, adapter, INITIAL_ADAPTER)
     model.set_adapter(adapter)  # the policy keeps training its own adapter
+    model.set_requires_grad(INITIAL_ADAPTER, requires_grad=False)
+
+
+def _without_dropout(config):
+    """A copy of a PEFT adapter config whose adapter applies no dropout (the frozen reference's copy)."""
+    config = copy.deepcopy(config)  # nothing shared: PEFT may complete an adapter's config when it adds it
+    if hasattr(config, "lora_dropout"):
+        config.lora_dropout = 0.0
+    return config
+
+
+def copy_adapter_weights(model, source: str, target: str) -> None:
+    """Load every tensor of the PEFT adapter ``source`` into the adapter ``target`` (same config), PEFT's way.
+
+    ``get_peft_model_state_dict`` lists what the adapter type saves (what ``save_pretrained`` writes and
+    ``PeftModel.from_pretrained`` loads), so nothing of the adapter is left at ``target``'s fresh initialisation.
+    The base model's weights are not part of it (``save_embedding_layers=False``). A tensor that did not arrive is
+    an error, never a silently fresh reference.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=source, save_embedding_layers=False)
+    with torch.no_grad():
+        loaded = set_peft_model_state_dict(model, state, adapter_name=target)
+    copied = get_peft_model_state_dict(model, adapter_name=target, save_embedding_layers=False)
+    differing = sorted(key for key in state if key not in copied or not torch.equal(copied[key], state[key]))
+    if loaded.unexpected_keys or differing or copied.keys() != state.keys():
+        raise RuntimeError(
+            f"copying the PEFT adapter {source!r} into {target!r} left tensors behind: differing {differing[:5]}, "
+            f"unexpected {list(loaded.unexpected_keys)[:5]}, only in the copy {sorted(copied.keys() - state.keys())[:5]}"
+        )
 
 
 def peft_weights_for_vllm(model, adapters: Sequence[str], dist) -> Iterator[tuple[str, torch.Tensor]]:
@@ -456,7 +546,9 @@ class PeftBaseReference:
 
     That is the policy with its adapters disabled when the initial adapter is provably the identity (a fresh
     LoRA ``peft_config``), else the policy with the frozen copy of its initial adapter ("ref", see
-    :func:`keep_initial_adapter`) active.
+    :func:`keep_initial_adapter`) active. It samples in eval mode, without dropout (LoRA's or the base model's),
+    as the frozen-copy reference does: TRL samples the policy in training mode, but the reference is the initial
+    policy itself, not a dropout sample of it.
     """
 
     kind = "peft_base"
@@ -465,24 +557,39 @@ class PeftBaseReference:
     def generation_model(self, trainer):
         with _unwrapped_for_generation(trainer, trainer.model_wrapped) as unwrapped:
             adapter = INITIAL_ADAPTER if INITIAL_ADAPTER in unwrapped.peft_config else None
-            with use_adapter(unwrapped, adapter_name=adapter):
+            with use_adapter(unwrapped, adapter_name=adapter), eval_mode(unwrapped):
                 yield unwrapped
 
     def sample(self, trainer, prompt_ids: list[list[int]], num_generations: int) -> list[list[int]]:
         return sample_reference_completions(trainer, self, prompt_ids)
 
+    @staticmethod
+    def check_checkpoint_weights(model) -> None:
+        """Raise where :meth:`named_weights` cannot describe this PEFT model's reference as the weights of a checkpoint
+        (what ``vllm_colocate`` loads into the engine): the "ref" copy is not a plain LoRA, or it changes one of the
+        embeddings the model ties."""
+        if INITIAL_ADAPTER not in model.peft_config:
+            return
+        reason = None
+        if not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
+            reason = ("the reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
+                      "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens)")
+        elif tied := _tied_embeddings_adapted(model, INITIAL_ADAPTER):
+            reason = (f"the model ties its input and output embeddings and the initial adapter changes {tied}; vLLM "
+                      "loads the tied pair as one tensor, so it would run another model")
+        if reason:
+            raise NotImplementedError(
+                f"reference_source='vllm_colocate': {reason}. Use reference_source='model', or serve the merged "
+                "initial model with reference_source='vllm_server'."
+            )
+
     def named_weights(self, trainer):
         """The reference weights of the PEFT policy under the checkpoint's names, the policy's adapter left alone:
-        the base weights, plus the frozen "ref" adapter's LoRA deltas and ``modules_to_save`` copies if it has one."""
+        the base weights, plus the frozen "ref" adapter's LoRA deltas (merged, so without dropout) and
+        ``modules_to_save`` copies if it has one."""
         model = trainer.accelerator.unwrap_model(trainer.model)
-        with_initial_adapter = INITIAL_ADAPTER in model.peft_config
-        if with_initial_adapter and not _is_plain_lora(model.peft_config[INITIAL_ADAPTER]):
-            raise NotImplementedError(
-                "The reference is the base model plus a frozen copy of the initial adapter, which vllm_colocate "
-                "merges for plain LoRA adapters only (no DoRA, LoRA bias or trainable tokens). Use "
-                "reference_source='model', or serve the merged initial model with reference_source='vllm_server'."
-            )
-        adapters = (INITIAL_ADAPTER,) if with_initial_adapter else ()
+        self.check_checkpoint_weights(model)
+        adapters = (INITIAL_ADAPTER,) if INITIAL_ADAPTER in model.peft_config else ()
         yield from peft_weights_for_vllm(model, adapters, DistributedBackend(trainer.accelerator))
 
     def load_policy_weights(self, trainer) -> None:
@@ -538,6 +645,23 @@ def mixed_batch_unsupported(model) -> str | None:
     return None
 
 
+def active_base_dropout(model) -> str | None:
+    """The first dropout of the PEFT ``model``'s base model that training mode turns on (None: there is none).
+
+    Dropout modules with ``p > 0`` outside the LoRA layers' own ``lora_dropout``, and attention modules with a
+    non-zero ``attention_dropout`` (transformers applies it functionally in training mode).
+    """
+    for name, module in model.named_modules():
+        if ".lora_dropout." in f".{name}.":
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return f"{name}: p={module.p}"
+        attention_dropout = getattr(module, "attention_dropout", None)
+        if isinstance(attention_dropout, float) and attention_dropout > 0:
+            return f"{name}.attention_dropout={attention_dropout}"
+    return None
+
+
 def batched_reference_unsupported(trainer) -> str | None:
     """Why this trainer cannot sample its reference rows in the policy's generate call (None: it can, exactly)."""
     if not isinstance(trainer.reference, PeftBaseReference):
@@ -549,6 +673,10 @@ def batched_reference_unsupported(trainer) -> str | None:
         return "the policy generates with tools or a rollout_func, which the reference does not use"
     if trainer._is_vlm:
         return "the policy is a vision-language model (the reference samples text prompts only)"
+    dropout = active_base_dropout(trainer.accelerator.unwrap_model(trainer.model))
+    if dropout:
+        return (f"the base model applies dropout in training mode ({dropout}), which a shared forward would apply to "
+                "the reference's rows too (the separate path samples the reference in eval mode)")
     generation_config = getattr(trainer, "generation_config", None)
     if generation_config is not None and max(generation_config.num_beams or 1,
                                              generation_config.num_return_sequences or 1) > 1:
@@ -620,9 +748,11 @@ def adapter_row_blocks(model, blocks: list[tuple[str, int]]):
     ``modules_to_save`` copies) keep PEFT's per-row path.
 
     PEFT's ``generate(adapter_names=...)`` also refuses a model in training mode (mixed batches cannot be
-    trained). TRL samples the policy in training mode, under ``no_grad``, and the separate reference sampler runs
-    the PEFT policy in the same mode: the hooks here keep each row's computation what it would be alone (LoRA
-    dropout included), with the mode left alone.
+    trained). TRL samples the policy in training mode, under ``no_grad``: the hooks here keep each row's computation
+    what it would be alone, with the mode left alone, so the policy's rows go through their adapter's LoRA dropout as
+    in TRL's own call. The reference's rows have none: the frozen "ref" adapter is made without dropout
+    (:func:`keep_initial_adapter`) and the ``"__base__"`` rows run no adapter; a base model with dropout of its own
+    does not get here (:func:`batched_reference_unsupported`).
     """
     from peft.tuners.lora import LoraLayer
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -827,8 +957,9 @@ class ColocatedVLLMReference:
     generation sees a step it has not loaded and pushes the policy weights back (``sync_weights``).
     Each generation batch therefore costs two weight loads into the engine.
 
-    The reference weights are a frozen copy kept on the CPU (no accelerator memory), or, with PEFT,
-    the policy's base weights with the adapters left unmerged.
+    The reference weights are a frozen copy kept on the CPU (no accelerator memory), or, with PEFT, the policy's
+    base weights with the frozen initial adapter's LoRA deltas merged into copies of them
+    (:meth:`PeftBaseReference.named_weights`): merged weights run no dropout.
     """
 
     kind = "vllm_colocate"
@@ -892,6 +1023,8 @@ def make_reference(trainer, reference_model: torch.nn.Module | None = None):
     elif is_peft_model(trainer.model):
         keep_initial_adapter(trainer.model)
         weights = PeftBaseReference()
+        if source == "vllm_colocate":  # before any step is spent
+            weights.check_checkpoint_weights(trainer.model)
     elif getattr(trainer, "ref_model", None) is not None:  # beta != 0: TRL already holds (and placed) one
         weights = FrozenCopyReference(trainer.ref_model)
     elif source == "vllm_colocate":  # only its weights are read: off the accelerator unless sharded
@@ -943,6 +1076,35 @@ def truncate_after_eos(completion_ids: torch.Tensor, eos_token_ids: list[int]) -
     return [row[:length] for row, length in zip(rows, lengths.tolist())]
 
 
+def decode_completions(processing_class, prompts: list, prompt_ids: list[list[int]],
+                       completion_ids: list[list[int]], tools: list | None = None) -> list:
+    """Completions for the reward functions, built from token ids exactly as TRL builds the policy's.
+
+    trl 1.16's ``GRPOTrainer._generate``: text prompts get ``batch_decode(ids, skip_special_tokens=True)``;
+    conversational prompts get one assistant message each, parsed with TRL's ``parse_response`` (the prompt's tokens
+    as prefix, the prompt's tools; a trailing EOS string stripped, empty content made ``""``, plain decoding when
+    parsing fails) when the tokenizer carries a response template (``response_template``, or the legacy
+    ``response_schema``), else ``{"role": "assistant", "content": batch_decode(...)}``. ``tools``: one list per
+    row (TRL's ``tools``, or the row's environment's), none by default. Every reference source (frozen copy, PEFT,
+    vLLM, the reference server, the cache builder) goes through here, so a reward function reads the reference's
+    completion in the form it reads the policy's.
+    """
+    from trl.chat_template_utils import parse_response
+    from trl.data_utils import is_conversational
+
+    if not is_conversational({"prompt": prompts[0]}):
+        return processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+    from transformers import ProcessorMixin
+
+    tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
+    if getattr(tokenizer, "response_template", None) is None and getattr(tokenizer, "response_schema", None) is None:
+        contents = processing_class.batch_decode(completion_ids, skip_special_tokens=True)
+        return [[{"role": "assistant", "content": content}] for content in contents]
+    tools = tools if tools is not None else [[]] * len(completion_ids)  # TRL's `tools` without tools: []
+    return [[parse_response(tokenizer, list(ids), prefix=list(prefix), tools=row_tools)]
+            for ids, prefix, row_tools in zip(completion_ids, prompt_ids, tools, strict=True)]
+
+
 @torch.no_grad()
 def sample_reference_completions(trainer, reference, prompt_ids: list[list[int]]) -> list[list[int]]:
     """One completion per prompt row, sampled from the reference weights with the policy's settings."""
@@ -966,6 +1128,9 @@ __all__ = [
     "adapter_is_identity",
     "adapter_row_blocks",
     "batched_reference_unsupported",
+    "copy_adapter_weights",
+    "decode_completions",
+    "eval_mode",
     "frozen_copy",
     "peft_weights_for_vllm",
     "push_peft_policy_without_merging",

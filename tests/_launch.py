@@ -18,9 +18,10 @@ ACCELERATE = Path(sys.executable).with_name("accelerate")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "accelerate_configs"
 
 
-def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, config: str = "cpu_2proc",
-           overrides: dict | None = None, port: int | None = None) -> list[dict]:
-    """Run one multiprocess_run.py job under ``accelerate_configs/<config>.yaml``; the per-rank results.
+def launch(algorithm: str | None, num_processes: int, model_path, out_dir: Path, *, config: str = "cpu_2proc",
+           overrides: dict | None = None, port: int | None = None, script: Path = SCRIPT) -> list[dict]:
+    """Run one multiprocess_run.py job (or ``script``'s, which takes no algorithm) under
+    ``accelerate_configs/<config>.yaml``; the per-rank results.
 
     The shipped GPU configs (zero2, zero3) are launched with ``--mixed_precision no``: the CPU has no bf16
     kernels for every op, and fp32 keeps the results comparable with the plain single-process run.
@@ -31,7 +32,8 @@ def launch(algorithm: str, num_processes: int, model_path, out_dir: Path, *, con
                "--num_processes", str(num_processes), "--main_process_port", str(port or free_port())]
     if config != "cpu_2proc":
         command += ["--mixed_precision", "no"]
-    command += [str(SCRIPT), algorithm, str(model_path), str(out_dir), json.dumps(overrides or {})]
+    command += [str(script), *([algorithm] if algorithm else []), str(model_path), str(out_dir),
+                json.dumps(overrides or {})]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     return rank_results(out_dir)

@@ -11,16 +11,17 @@ import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from trl import GRPOTrainer
-from trl.data_utils import is_conversational
 from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
 from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
 from ..reference import (
+    INITIAL_ADAPTER,
     FrozenCopyReference,
     PeftBaseReference,
     adapter_row_blocks,
+    decode_completions,
     make_reference,
     reference_rows_adapter,
     resolve_reference_generation,
@@ -104,6 +105,13 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                                        reference_processing_class)
         if args.reference_source == "cache" and args.ref_rollouts_path is not None:
             more_args, kwargs = _with_ref_rollouts(args, more_args, kwargs)
+        peft_reference = reference_model is None and args.reference_source in ("model", "vllm_colocate")
+        if peft_reference and isinstance(model, torch.nn.Module) and is_peft_model(model) and (
+                INITIAL_ADAPTER in model.peft_config):
+            raise ValueError(
+                f"The PEFT policy already has an adapter named {INITIAL_ADAPTER!r}, the name AAPO (like TRL's KL term) "
+                "gives the frozen copy of the initial adapter it builds itself. Rename or delete that adapter."
+            )
         if args.ref_update_steps is not None and _is_peft_run(model, more_args, kwargs):
             PeftBaseReference().load_policy_weights(None)  # raises the explanatory error before loading anything
         if args.reference_generation == "batched" and (reference_model is not None
@@ -297,11 +305,8 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             ref_ids = self._sample_reference(prompt_ids, num_generations)
         if len(ref_ids) != len(prompt_ids):  # pragma: no cover - a sampler bug
             raise RuntimeError(f"the reference returned {len(ref_ids)} completions for {len(prompt_ids)} rows")
-        texts = self.processing_class.batch_decode(ref_ids, skip_special_tokens=True)
-        if is_conversational({"prompt": scored.prompts[0]}):
-            ref_completions = [[{"role": "assistant", "content": text}] for text in texts]
-        else:
-            ref_completions = texts
+        ref_completions = decode_completions(self.processing_class, scored.prompts, prompt_ids, ref_ids,
+                                             self._tools_per_row(len(ref_ids)))
         with self._muted_reward_side_channels():
             ref_per_func = self._calculate_rewards(scored.inputs, scored.prompts, ref_completions, ref_ids)
         # the policy's rule for empty (and, by default, truncated) completions applies to the reference too
@@ -321,6 +326,13 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             "rewards": ref_rewards,
         }
         return ref_rewards
+
+    def _tools_per_row(self, rows: int) -> list:
+        """The tools TRL parses each row's completion with: its environment's (``environment_factory``), else
+        ``tools``."""
+        if self.environment_factories is not None:
+            return [self._env_tools[name] for name in self._batch_environments]
+        return [self.tools] * rows
 
     def _cached_reference_rewards(self, scored: ScoredBatch, num_generations: int, mode: str) -> torch.Tensor:
         """``reference_source="cache"``: the ``ref_rewards`` column of the batch rows (aapo_trl.ref_rollouts)."""
