@@ -309,7 +309,7 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
                                              self._tools_per_row(len(ref_ids)))
         with self._muted_reward_side_channels():
             ref_per_func = self._calculate_rewards(scored.inputs, scored.prompts, ref_completions, ref_ids)
-        # the policy's rule for empty (and, by default, truncated) completions applies to the reference too
+        # the policy's empty_completions and truncated_completions rules apply to the reference too
         unscorable = self._unscorable_completions(ref_ids).to(ref_per_func.device)
         ref_per_func = ref_per_func.masked_fill(unscorable.unsqueeze(1), float("nan"))
         self._log_mean_rewards_per_func("rewards_ref", ref_per_func, mode)
