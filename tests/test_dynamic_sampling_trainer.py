@@ -17,6 +17,7 @@ import pytest
 import dynamic_sampling_run as run
 from aapo_trl.checkpointing import CHECKPOINT_MARKER
 from aapo_trl.dynamic_sampling import STATE_FILENAME, DynamicSamplingExhausted
+from aapo_trl.greso import GRESO_STATE_FILENAME
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,8 @@ def assert_full_of_signal(result, groups=run.GLOBAL_PROMPTS):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "gpg", "aapo", "zapo"])
 def test_every_trainer_trains_a_full_batch_of_groups_with_signal(algorithm, tiny_model_path, tmp_path):
-    result = train(algorithm, tiny_model_path, tmp_path)
+    # ZAPO's metric is 'final_advantage': without DAER only the mixed groups have a non-zero final advantage
+    result = train(algorithm, tiny_model_path, tmp_path, **({"use_daer": False} if algorithm == "zapo" else {}))
     assert len(result["batches"]) == 3
     assert_full_of_signal(result)
     metrics = result["batches"][0]["metrics"]
@@ -55,8 +57,8 @@ def test_every_trainer_trains_a_full_batch_of_groups_with_signal(algorithm, tiny
 
 
 def test_final_advantage_metric_keeps_the_groups_zapo_gives_signal(tiny_model_path, tmp_path):
-    by_reward = train("zapo", tiny_model_path, tmp_path / "reward")
-    by_advantage = train("zapo", tiny_model_path, tmp_path / "advantage", dynamic_sampling_metric="final_advantage")
+    by_reward = train("zapo", tiny_model_path, tmp_path / "reward", dynamic_sampling_metric="reward", use_daer=False)
+    by_advantage = train("zapo", tiny_model_path, tmp_path / "advantage")  # ZAPO's default metric
     assert_full_of_signal(by_reward)
     # ZAPO's entropy rewards give zero-variance groups an advantage: nothing needs dropping, one round each
     assert {b["metrics"]["dynamic_sampling/rounds"] for b in by_advantage["batches"]} == {1.0}
@@ -154,9 +156,9 @@ def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_p
     assert ranks[0]["losses"] == ranks[1]["losses"]
 
 
-def _start(out_dir, model_path, pause_after=0, resume=False):
+def _start(out_dir, model_path, pause_after=0, resume=False, **extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    overrides = json.dumps({"max_steps": 6, "save_strategy": "steps", "save_steps": 2})
+    overrides = json.dumps({"max_steps": 6, "save_strategy": "steps", "save_steps": 2, **extra})
     command = [sys.executable, str(SCRIPT), "grpo", str(model_path), str(out_dir), overrides, str(pause_after),
                "resume" if resume else "fresh"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,9 +169,11 @@ def _finish(process):
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
 
 
-def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path):
-    _finish(_start(tmp_path / "a", tiny_model_path))
-    victim = _start(tmp_path / "b", tiny_model_path, pause_after=3)
+@pytest.mark.parametrize("greso", [False, True])
+def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path, greso):
+    # with GRESO the refill rounds come from GRESO's sampler, whose state is GRESO's checkpoint file
+    _finish(_start(tmp_path / "a", tiny_model_path, greso=greso))
+    victim = _start(tmp_path / "b", tiny_model_path, pause_after=3, greso=greso)
     deadline, printed = time.time() + 300, ""
     import select
 
@@ -179,7 +183,7 @@ def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path
             printed += victim.stdout.readline()
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    _finish(_start(tmp_path / "b", tiny_model_path, resume=True))
+    _finish(_start(tmp_path / "b", tiny_model_path, resume=True, greso=greso))
 
     uninterrupted = json.loads((tmp_path / "a" / "rank0.json").read_text())
     resumed = json.loads((tmp_path / "b" / "rank0.json").read_text())
@@ -189,7 +193,15 @@ def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path
     assert [(b["prompts"], b["metrics"]) for b in resumed["batches"]] == [(b["prompts"], b["metrics"]) for b in later]
     for step in ("3", "4", "5", "6"):
         assert resumed["losses"][step] == pytest.approx(uninterrupted["losses"][step], abs=1e-6)
+    assert any(b["metrics"]["dynamic_sampling/rounds"] > 1 for b in later), "the resumed steps include refills"
     for step in (4, 6):
         state_a = json.loads((tmp_path / "a" / f"checkpoint-{step}" / STATE_FILENAME).read_text())
         state_b = json.loads((tmp_path / "b" / f"checkpoint-{step}" / STATE_FILENAME).read_text())
-        assert state_a == state_b and state_a["stream"]["drawn"] > 0
+        assert state_a == state_b
+        if greso:
+            assert state_a["stream"] is None
+            greso_a = json.loads((tmp_path / "a" / f"checkpoint-{step}" / GRESO_STATE_FILENAME).read_text())
+            greso_b = json.loads((tmp_path / "b" / f"checkpoint-{step}" / GRESO_STATE_FILENAME).read_text())
+            assert greso_a == greso_b
+        else:
+            assert state_a["stream"]["drawn"] > 0
