@@ -715,6 +715,10 @@ class ZAPOConfig(
         difficulty (`str`, defaults to `"reward"`): d(x) = 1 - mean reward (paper) or `"accuracy"`: 1 - fraction
             correct.
 
+        dynamic_sampling_metric (`str`, defaults to `"final_advantage"`): with `dynamic_sampling=True`, a group is
+            kept when its final advantage (DAER included) is non-zero, so DAER's zero-variance groups are trained;
+            `"reward"` / `"accuracy"` (the other configs' choices) are refused while `use_daer=True`.
+
         > Parameters that control rewards and the semantic-entropy clustering
 
         correct_reward / incorrect_reward (`float`, defaults `1.0` / `0.1`): the values of the `accuracy_zapo` /

@@ -86,6 +86,7 @@ class _Round:
     statistics: GroupStatistics
     scored: ScoredBatch
     logged: dict[str, Any] = field(default_factory=dict)
+    greso_chunk: GRESOChunk | None = None  # with GRESO: the round's prompts as GRESO drew them
 
 
 def _ignore_side_channel(*args, **kwargs) -> None:
@@ -273,15 +274,14 @@ class AdvantageTrainerMixin(ModelCardMixin):
             if greso_chunk is None:
                 (greso_chunk,) = self._greso_sampler.mark_consumed()
             self._record_greso_chunk(greso_chunk, rewards, num_generations)
-            logged["greso_chunk"] = greso_chunk
-        return _Round(output, rewards, statistics, scored, logged)
+        return _Round(output, rewards, statistics, scored, logged, greso_chunk)
 
     def _draw_refill_prompts(self, count: int, rounds: list[_Round]) -> tuple[list[int], GRESOChunk | None]:
         """Dataset indices of the next refill round: from GRESO's sampler through its filter when GRESO is on
         (never a prompt already rolled out in this generation batch), else from the refill stream."""
         if self.greso_filter is None:
             return self.refill_stream.take(count), None
-        rolled_out = {pid for round_ in rounds for pid in round_.logged["greso_chunk"].prompt_ids}
+        rolled_out = {pid for round_ in rounds for pid in round_.greso_chunk.prompt_ids}
         chunk = self._greso_sampler.draw_refill(count, exclude=rolled_out)
         return list(chunk.prompt_ids), chunk
 
@@ -337,7 +337,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
         self._trained_completions_table(rounds, trained, advantages, num_generations)
         self._log_zero_advantage_metrics(rewards, advantages, num_generations, "train")
         if self.greso_filter is not None:
-            self._log_greso_skip_rate([round_.logged["greso_chunk"] for round_ in rounds])
+            self._log_greso_skip_rate([round_.greso_chunk for round_ in rounds])
         self.dynamic_sampling_exhausted_batches += exhausted
         self._log_dynamic_sampling_metrics(selection, exhausted)
         return batch
