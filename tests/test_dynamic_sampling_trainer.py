@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import dynamic_sampling_run as run
+from aapo_trl.advantages import group_relative_advantages
 from aapo_trl.checkpointing import CHECKPOINT_MARKER
 from aapo_trl.dynamic_sampling import STATE_FILENAME, DynamicSamplingExhausted
 from aapo_trl.greso import GRESO_STATE_FILENAME
@@ -137,12 +139,13 @@ def test_exhaustion_can_train_on_the_kept_groups(tiny_model_path, tmp_path):
     assert result["batches"][-1]["metrics"]["dynamic_sampling/exhausted_total"] == len(exhausted)
 
 
-def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("algorithm, port", [("grpo", 29541), ("gpg", 29542)])
+def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_path, algorithm, port):
     out = tmp_path / "two"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", "2",
-               "--main_process_port", "29541", str(SCRIPT), "grpo", str(tiny_model_path), str(out), "{}"]
+               "--main_process_port", str(port), str(SCRIPT), algorithm, str(tiny_model_path), str(out), "{}"]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
@@ -154,6 +157,12 @@ def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_p
         assert batch0["num_items_in_batch"] == batch1["num_items_in_batch"]
         assert set(batch0["prompts"]) | set(batch1["prompts"]) <= MIXED
     assert ranks[0]["losses"] == ranks[1]["losses"]
+    # the trained batch over both processes holds mixed groups only: GPG's alpha = B / (B - 0) = 1 there, whatever
+    # share of zero-variance groups each round generated (the advantages are computed after the selection)
+    mixed = group_relative_advantages(torch.tensor([1.0, 0.0]), run.NUM_GENERATIONS).abs()[0].item()
+    for rank in ranks:
+        for batch in rank["batches"]:
+            assert batch["advantages"] == pytest.approx([mixed, -mixed] * (len(batch["advantages"]) // 2), abs=1e-5)
 
 
 def _start(out_dir, model_path, pause_after=0, resume=False, **extra):
