@@ -111,7 +111,10 @@ class DynamicSamplingArguments:
         metadata={
             "help": "DAPO's dynamic sampling (Sec. 3.2; verl: algorithm.filter_groups.enable): drop the groups without "
             "signal under dynamic_sampling_metric and generate further rounds of prompts (from a checkpointed stream "
-            "over the training data) until the generation batch holds as many groups with signal as configured."
+            "over the training data; with greso=True from GRESO's own stream, through its filter) until the "
+            "generation batch holds as many groups with signal as configured. Selection first, statistics second "
+            "(verl's DAPO loop): every batch-level statistic of the advantage (GPG's alpha, scale_rewards='batch''s "
+            "std, ZAPO's q) is computed once, on the trained batch."
         },
     )
     dynamic_sampling_metric: str = field(
@@ -120,8 +123,11 @@ class DynamicSamplingArguments:
             "help": "What a group needs to be kept: 'reward' (the combined reward spreads by more than "
             "dynamic_sampling_tolerance within the group; DAPO's rule as verl's metric=seq_reward applies it), "
             "'accuracy' (both correct and incorrect answers in the group, DAPO Eq. 11; verl's metric=acc; see "
-            "dynamic_sampling_accuracy_reward), or 'final_advantage' (some final advantage is non-zero: under AAPO "
-            "or ZAPO only the groups those methods leave at zero are dropped).",
+            "dynamic_sampling_accuracy_reward), or 'final_advantage' (some final advantage of the group, computed "
+            "with the group alone as its batch so that the choice never depends on the batch being chosen, exceeds "
+            "dynamic_sampling_tolerance: under AAPO or ZAPO only the groups those methods leave at zero are "
+            "dropped). Default 'reward'; ZAPOConfig's default is 'final_advantage' and it refuses 'reward' and "
+            "'accuracy' while use_daer=True (they drop every zero-variance group before DAER sees it).",
             "choices": list(DYNAMIC_SAMPLING_METRICS),
         },
     )
@@ -798,6 +804,10 @@ class ZAPOConfig(
         difficulty (`str`, defaults to `"reward"`): d(x) = 1 - mean reward (paper) or `"accuracy"`: 1 - fraction
             correct.
 
+        dynamic_sampling_metric (`str`, defaults to `"final_advantage"`): with `dynamic_sampling=True`, a group is
+            kept when its final advantage (DAER included) is non-zero, so DAER's zero-variance groups are trained;
+            `"reward"` / `"accuracy"` (the other configs' choices) are refused while `use_daer=True`.
+
         > Parameters that control rewards and the semantic-entropy clustering
 
         correct_reward / incorrect_reward (`float`, defaults `1.0` / `0.1`): the values of the `accuracy_zapo` /
@@ -827,6 +837,17 @@ class ZAPOConfig(
     loss_type: str = field(
         default="grpo",
         metadata={"help": "TRL loss type; ZAPO uses the GRPO clipped surrogate (paper Eq. 1), epsilon 0.2, no KL."},
+    )
+    dynamic_sampling_metric: str = field(
+        default="final_advantage",
+        metadata={
+            "help": "dynamic_sampling=True: what a group needs to be kept. ZAPO's default 'final_advantage' keeps the "
+            "groups whose final advantage (DAER included), computed with the group alone as its batch, exceeds "
+            "dynamic_sampling_tolerance, so the zero-variance groups DAER rewards are trained (ALGORITHMS.md "
+            "section 5). 'reward' and 'accuracy' drop every zero-variance group before DAER sees it: refused while "
+            "use_daer=True (allowed for the 'w/o DAER' ablation).",
+            "choices": list(DYNAMIC_SAMPLING_METRICS),
+        },
     )
     alpha: float = field(
         default=2.0,
@@ -900,3 +921,10 @@ class ZAPOConfig(
             raise ValueError(f"kmeans_max_clusters must be >= 1, got {self.kmeans_max_clusters}")
         require_choice(self, "zapo_statistics_source", ZAPO_STATISTICS_SOURCES)
         _check_correctness_threshold(self, "correct_threshold")
+        if self.dynamic_sampling and self.use_daer and self.dynamic_sampling_metric != "final_advantage":
+            raise ValueError(
+                f"dynamic_sampling_metric={self.dynamic_sampling_metric!r} with use_daer=True: that metric drops every "
+                "zero-variance group before DAER, which exists to train them, sees it (and their entropies would "
+                "still be paid for). Use dynamic_sampling_metric='final_advantage' (ZAPO's default), or "
+                "use_daer=False for the 'w/o DAER' ablation."
+            )

@@ -8,11 +8,11 @@ is in :mod:`aapo_trl.trainers.base` (``AdvantageTrainerMixin._dynamically_sample
 Semantics (what one training generation batch becomes)
 ------------------------------------------------------
 * Round 1 is TRL's own generation batch (the DataLoader's prompts, after GRESO's pre-rollout filter if on).
-  Every further round generates the same number of prompts, taken from :class:`PromptStream`, by calling
-  TRL's generation and scoring again (``_generate_and_score_completions``) -- i.e. ``gen_batch_size =
-  train_batch_size`` in verl's terms.
+  Every further round generates the same number of prompts by calling TRL's generation and scoring again
+  (``_generate_and_score_completions``) -- i.e. ``gen_batch_size = train_batch_size`` in verl's terms. Without
+  GRESO they come from :class:`PromptStream`; with GRESO from GRESO's own sampler (see Composition).
 * A group has signal under ``metric`` (:func:`groups_with_signal`). The decision is made on the rewards and
-  advantages gathered over every process, so every process computes the same decisions.
+  group statistics gathered over every process, so every process computes the same decisions.
 * Each process trains exactly the groups it owned at the start (``groups_per_process``), filled with its own
   groups with signal in generation order (round by round, TRL's order within a round); rounds go on until
   *every* process is full. Rows are never moved between processes, so every process ends with the same number
@@ -25,20 +25,49 @@ Semantics (what one training generation batch becomes)
   whose loss mask is zeroed (they contribute no token to any loss term or token count; a loss that averages
   over sequences still counts them, see :func:`mask_filler_rows`).
 
+Selection first, statistics second (verl's DAPO loop, ALGORITHMS.md section 5)
+------------------------------------------------------------------------------
+The advantage of a row is split in two (``AdvantageTrainerMixin.group_statistics`` / ``batch_advantages``):
+
+* *group statistics* depend on a group's own rows only (AAPO's reference rewards, ZAPO's semantic and token
+  entropies). They need the round's generation output, so they are computed once per round, for every group
+  generated, dropped ones included (:class:`GroupStatistics`).
+* *batch statistics* depend on the batch (GPG's ``alpha = B / (B - M)``, ``scale_rewards="batch"``'s std, ZAPO's
+  ``q = n_easy / (n_easy + alpha n_hard)``). They are computed once per generation batch, after the selection,
+  on the trained groups gathered over every process (:func:`trained_groups`, :func:`take_groups`; the filler
+  groups of an exhausted ``"train_kept"`` batch are left out and get advantage 0), and each process slices its
+  rows, as in TRL. The advantage log (the completions table) and the ``zero_adv/*`` and method metrics
+  (``gpg``/``aapo``/``zapo``) describe that trained batch. TRL's generation metrics (rewards, completion
+  lengths) and ``unscorable/*`` average over every round generated, as ``dynamic_sampling/generated_*`` do.
+
+The signal of ``"final_advantage"`` cannot come from the trained batch, which it is choosing. It is each
+group's final advantage computed with the group alone as its batch (the batch statistics of a one-group batch:
+GPG's alpha is 1, the batch std is the group's, ZAPO's delta is 1), so a group's fate depends on its own rows
+only, never on the round it happened to be generated in. GPG's alpha, the batch std and ZAPO's delta scale a
+group's advantage by a positive factor, so a group kept this way still has signal in the trained batch, except
+at the edges: ZAPO with ``alpha=0`` gives hard groups ``delta = 1 - q = 0`` as soon as the trained batch holds
+an easy group (a kept hard group then trains with advantage 0, as the paper's formula says), a magnitude close
+to ``tolerance`` may cross it when a factor below 1 scales it down, and AAPO with ``scale_rewards="batch"``
+scales only the group-relative part, not the margin.
+
 Composition
 -----------
-* GRESO skips prompts before generation (the DataLoader's batches); dynamic sampling filters after. Refill rounds
-  come from :class:`PromptStream`, not through GRESO's filter, but their rollouts are recorded in GRESO's history
-  (and its per-step shares) like every other rollout. Both sets of metrics are logged.
+* GRESO skips prompts before generation; dynamic sampling filters after. With GRESO, every round's prompts come
+  from GRESO's sampler (:meth:`aapo_trl.greso.GRESORepeatSampler.draw_refill`): the same permutation stream as
+  the DataLoader's batches, the same pre-rollout filter, recorded once in the same history, counted in the same
+  skip statistics (``greso/skip_rate`` of a generation batch covers its refill candidates), and a prompt already
+  rolled out in the generation batch is not drawn again (unless the batch has rolled out every prompt of the
+  dataset). This is GRESO's own loop, built on DAPO's: each refill is the next batch of the data stream.
 * ``num_iterations`` / ``steps_per_generation``: the selection happens once per generation batch, inside TRL's
   ``_generate_and_score_completions``; TRL then buffers, shuffles and splits the selected batch as its own.
   Every round is generated by the same policy (no optimizer step happens in between), so the old log-probs of
   all rounds are consistent.
-* AAPO's references (online rollouts or the reference-reward cache) are computed for every generated group,
-  dropped ones included: the advantage of a round is computed (and, for ``"final_advantage"``, needed to decide)
-  before the selection, and a refill row carries its cache columns like any training row.
-* Resume: the stream position is saved after whole generation batches; as for GRESO, an exact resume needs
-  checkpoints at generation-batch boundaries (TRL does not save its buffered generations either).
+* AAPO's references (online rollouts or the reference-reward cache) and ZAPO's entropies are group statistics:
+  computed for every generated group, dropped ones included (``"final_advantage"`` needs them to decide), and a
+  refill row carries its cache columns like any training row.
+* Resume: the stream position (or GRESO's sampler state) is saved after whole generation batches; as for
+  GRESO, an exact resume needs checkpoints at generation-batch boundaries (TRL does not save its buffered
+  generations either).
 """
 
 from __future__ import annotations
@@ -210,6 +239,54 @@ def exhaustion_message(step: int, selection: RoundsSelection, max_rounds: int, m
         f"{selection.groups_with_signal / selection.generated_groups:.3f}). The data may be too easy or too hard for "
         "the policy: raise dynamic_sampling_max_rounds (0 = no limit), or set "
         "dynamic_sampling_on_exhaustion='train_kept' to train on the groups kept so far."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Selection first, statistics second
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupStatistics:
+    """The inputs of an advantage, besides the rewards, that depend on each group's own rows only.
+
+    ``rows``: tensors whose first dimension is the rows of a (global) batch, group by group; ``groups``: tensors
+    whose first dimension is its groups. E.g. AAPO's reference rewards (rows), ZAPO's token entropies (rows) and
+    semantic entropies (groups).
+    """
+
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def trained_groups(selection: RoundsSelection, *, allow_filler: bool) -> list[tuple[int, int, bool]]:
+    """The trained batch over every process, in TRL's gathered order (process 0's groups first):
+    ``(round, global group index within the round, is_filler)``. The same list on every process."""
+    return [
+        (round_index, process * selection.groups_per_process + group, is_filler)
+        for process in range(selection.num_processes)
+        for round_index, group, is_filler in selection.selection(process, allow_filler=allow_filler)
+    ]
+
+
+def take_groups(per_round: Sequence[torch.Tensor], groups: Sequence[tuple[int, int]], width: int) -> torch.Tensor:
+    """Concatenate ``groups`` (``(round, group)``) of per-round tensors whose first dimension holds ``width``
+    entries per group (``num_generations`` for row tensors, 1 for group tensors), in the order given."""
+    if not groups:
+        reference = per_round[0]
+        return reference.new_empty((0, *reference.shape[1:]))
+    return torch.cat([per_round[r][g * width : (g + 1) * width] for r, g in groups])
+
+
+def take_group_statistics(
+    per_round: Sequence[GroupStatistics], groups: Sequence[tuple[int, int]], num_generations: int
+) -> GroupStatistics:
+    """:func:`take_groups` for every tensor of the rounds' :class:`GroupStatistics` (every round has the same keys)."""
+    first = per_round[0]
+    return GroupStatistics(
+        rows={k: take_groups([s.rows[k] for s in per_round], groups, num_generations) for k in first.rows},
+        groups={k: take_groups([s.groups[k] for s in per_round], groups, 1) for k in first.groups},
     )
 
 

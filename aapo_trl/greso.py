@@ -41,12 +41,16 @@ The sampler walks seeded permutations of the dataset; each permutation is one *G
 (one ``__iter__`` of the sampler, always exactly ``len(sampler)`` indices so that the HF Trainer's
 step accounting holds) and a GRESO epoch drift apart: the permutation position carries over from one
 Trainer epoch to the next, and a new permutation is drawn whenever the current one is used up, in the
-middle of a generation batch if need be (such a batch may then hold a prompt twice, once from each
-pass, as in GRESO's own accumulate-across-epochs loop). The permutations are ``torch.randperm`` from
+middle of a generation batch if need be. A candidate already rolled out in the same generation batch (met
+again after such a pass boundary) is passed over without a decision, so a generation batch never holds a
+prompt twice unless it holds every prompt of the dataset. The permutations are ``torch.randperm`` from
 a ``torch.Generator`` seeded with ``seed``, drawn lazily, exactly as ``RepeatSampler`` draws one per
 ``__iter__``: with nothing filtered the sampler yields RepeatSampler's indices for every epoch when
 ``batch_size`` divides the dataset size (otherwise for the first epoch; RepeatSampler then drops the
 ``n % batch_size`` tail of each epoch while GRESO carries it over).
+
+Dynamic sampling's refill rounds draw from the same stream (:meth:`GRESORepeatSampler.draw_refill`): every
+prompt drawn, first round or refill, passes the same filter and is recorded once (ALGORITHMS.md section 5).
 
 Every rank builds the same sampler (same seed) around its own filter; the trainer records the
 *gathered* (global) rewards on every rank, so every rank's filter holds the same state and makes the
@@ -122,7 +126,7 @@ import math
 import os
 import random
 import warnings
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Collection, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -792,35 +796,56 @@ class GRESORepeatSampler(Sampler[int]):
         self.greso_filter.epoch = self._pass_index
 
     def _decide_chunk(self) -> GRESOChunk:
+        chunk = self._decide(self.batch_size)
+        self._chunks.append(chunk)
+        return chunk
+
+    def draw_refill(self, count: int, exclude: Collection[int] = ()) -> GRESOChunk:
+        """``count`` more prompts for a dynamic-sampling refill round (aapo_trl.dynamic_sampling), decided exactly
+        as the DataLoader's batches: the next candidates of the same permutation stream, through the same filter
+        (so the filter's skip counters include them). ``exclude``: the prompts already rolled out in this generation
+        batch, passed over without a decision (a prompt is never rolled out twice in one generation batch, unless
+        it has rolled out every prompt of the dataset). Not yielded by ``__iter__``; record its rollouts with
+        :meth:`GRESOFilter.record` and ``epoch=chunk.epochs``. Its position is part of :meth:`sampler_state_dict`.
+        """
+        if count < 1:
+            raise ValueError(f"a refill draws at least one prompt, got count={count}")
+        return self._decide(count, exclude)
+
+    def _decide(self, count: int, exclude: Collection[int] = ()) -> GRESOChunk:
         flt = self.greso_filter
         ids: list[int] = []
         epochs: list[int] = []
+        rolled_out = {int(pid) for pid in exclude}
         examined = skipped = skipped_easy = skipped_hard = 0
         passes_started = 0
-        while len(ids) < self.batch_size:
+        while len(ids) < count:
             if self._pass_index < 0 or self._perm_pos >= len(self._perm):
                 if passes_started >= self.max_passes_per_chunk:
                     raise RuntimeError(
                         f"GRESO skipped every candidate of {passes_started} passes over the {self.num_samples} "
-                        f"prompts while filling one generation batch ({len(ids)}/{self.batch_size} kept); "
+                        f"prompts while filling one generation batch ({len(ids)}/{count} kept); "
                         f"min_keep_probability={flt.min_keep_probability} is too low for this dataset"
                     )
                 self._next_permutation()
                 passes_started += 1
             pid = self._perm[self._perm_pos]
             self._perm_pos += 1
+            if pid in rolled_out:
+                if len(rolled_out) < self.num_samples:
+                    continue  # already rolled out in this generation batch (a pass boundary was crossed)
+                rolled_out.clear()  # every prompt was: the generation batch starts over
             kind_before = flt.run_length(pid)[0]
             examined += 1
             if flt.decide([pid])[0]:
                 ids.append(pid)
                 epochs.append(self._pass_index)
+                rolled_out.add(pid)
             else:
                 skipped += 1
                 skipped_easy += kind_before == EASY
                 skipped_hard += kind_before == HARD
-        chunk = GRESOChunk(tuple(ids), tuple(epochs), examined, skipped, skipped_easy, skipped_hard)
-        self._chunks.append(chunk)
-        return chunk
+        return GRESOChunk(tuple(ids), tuple(epochs), examined, skipped, skipped_easy, skipped_hard)
 
     # -- consumption -------------------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import torch
 from aapo_trl.configs import AAPOConfig, GPGConfig, GRPOBaselineConfig, ZAPOConfig
 from aapo_trl.dynamic_sampling import (
     DynamicSamplingExhausted,
+    GroupStatistics,
     PromptStream,
     RoundsSelection,
     completions_per_kept_group,
@@ -19,6 +20,9 @@ from aapo_trl.dynamic_sampling import (
     loss_mask_tokens,
     mask_filler_rows,
     merge_generation_rows,
+    take_group_statistics,
+    take_groups,
+    trained_groups,
 )
 
 nan = float("nan")
@@ -234,6 +238,31 @@ def test_merge_refuses_outputs_it_cannot_pad():
         merge_generation_rows([output], [(0, 0)], pad_token_id=0)
 
 
+# ---- selection first, statistics second ------------------------------------------------------------------------------
+
+
+def test_trained_groups_span_every_process_in_trls_gathered_order():
+    selection = RoundsSelection(num_processes=2, groups_per_process=2)
+    selection.add_round([True, False, False, True])  # process 0: groups 0, 1; process 1: groups 2, 3
+    selection.add_round([True, True, True, False])
+    assert trained_groups(selection, allow_filler=False) == [(0, 0, False), (1, 0, False), (0, 3, False), (1, 2, False)]
+    short = RoundsSelection(num_processes=1, groups_per_process=2)
+    short.add_round([False, True])
+    with pytest.raises(DynamicSamplingExhausted):
+        trained_groups(short, allow_filler=False)
+    assert trained_groups(short, allow_filler=True) == [(0, 0, True), (0, 1, False)]
+
+
+def test_take_groups_concatenates_rows_and_groups_of_several_rounds():
+    round_rows = [torch.arange(6.0), torch.arange(10.0, 16.0)]  # 3 groups of 2 rows per round
+    assert take_groups(round_rows, [(1, 2), (0, 0)], 2).tolist() == [14.0, 15.0, 0.0, 1.0]
+    assert take_groups(round_rows, [], 2).shape == (0,)
+    statistics = [GroupStatistics(rows={"te": r}, groups={"se": r[::2] * 100}) for r in round_rows]
+    taken = take_group_statistics(statistics, [(1, 2), (0, 0)], 2)
+    assert taken.rows["te"].tolist() == [14.0, 15.0, 0.0, 1.0]
+    assert taken.groups["se"].tolist() == [1400.0, 0.0]
+
+
 # ---- config -----------------------------------------------------------------------------------------------------------
 
 
@@ -241,7 +270,8 @@ def test_merge_refuses_outputs_it_cannot_pad():
 def test_every_config_has_the_fields_off_by_default(config_class, tmp_path):
     config = config_class(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8)
     assert config.dynamic_sampling is False
-    assert config.dynamic_sampling_metric == "reward"
+    # ZAPO keeps what DAER gives signal: dropping zero-variance groups by reward would discard what DAER exists to use
+    assert config.dynamic_sampling_metric == ("final_advantage" if config_class is ZAPOConfig else "reward")
     assert config.dynamic_sampling_max_rounds == 0
     assert config.dynamic_sampling_on_exhaustion == "error"
     assert config.dynamic_sampling_tolerance > 0
@@ -257,6 +287,16 @@ def test_every_config_has_the_fields_off_by_default(config_class, tmp_path):
 def test_bad_fields_are_refused_by_name(field, value, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         GRPOBaselineConfig(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, **{field: value})
+
+
+@pytest.mark.parametrize("metric", ["reward", "accuracy"])
+def test_zapo_refuses_a_metric_that_drops_what_daer_uses(metric, tmp_path):
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, per_device_train_batch_size=8, dynamic_sampling=True,
+                    dynamic_sampling_metric=metric)
+    with pytest.raises(ValueError, match=f"dynamic_sampling_metric='{metric}' with use_daer=True"):
+        ZAPOConfig(**settings)
+    assert ZAPOConfig(**settings, use_daer=False).dynamic_sampling_metric == metric  # the 'w/o DAER' ablation
+    assert ZAPOConfig(**dict(settings, dynamic_sampling=False)).dynamic_sampling is False  # not read then
 
 
 def test_local_batches_must_hold_whole_groups(tmp_path, monkeypatch):

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import dynamic_sampling_run as run
+from aapo_trl.advantages import group_relative_advantages
 from aapo_trl.checkpointing import CHECKPOINT_MARKER
 from aapo_trl.dynamic_sampling import STATE_FILENAME, DynamicSamplingExhausted
+from aapo_trl.greso import GRESO_STATE_FILENAME
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +45,8 @@ def assert_full_of_signal(result, groups=run.GLOBAL_PROMPTS):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "gpg", "aapo", "zapo"])
 def test_every_trainer_trains_a_full_batch_of_groups_with_signal(algorithm, tiny_model_path, tmp_path):
-    result = train(algorithm, tiny_model_path, tmp_path)
+    # ZAPO's metric is 'final_advantage': without DAER only the mixed groups have a non-zero final advantage
+    result = train(algorithm, tiny_model_path, tmp_path, **({"use_daer": False} if algorithm == "zapo" else {}))
     assert len(result["batches"]) == 3
     assert_full_of_signal(result)
     metrics = result["batches"][0]["metrics"]
@@ -55,8 +59,8 @@ def test_every_trainer_trains_a_full_batch_of_groups_with_signal(algorithm, tiny
 
 
 def test_final_advantage_metric_keeps_the_groups_zapo_gives_signal(tiny_model_path, tmp_path):
-    by_reward = train("zapo", tiny_model_path, tmp_path / "reward")
-    by_advantage = train("zapo", tiny_model_path, tmp_path / "advantage", dynamic_sampling_metric="final_advantage")
+    by_reward = train("zapo", tiny_model_path, tmp_path / "reward", dynamic_sampling_metric="reward", use_daer=False)
+    by_advantage = train("zapo", tiny_model_path, tmp_path / "advantage")  # ZAPO's default metric
     assert_full_of_signal(by_reward)
     # ZAPO's entropy rewards give zero-variance groups an advantage: nothing needs dropping, one round each
     assert {b["metrics"]["dynamic_sampling/rounds"] for b in by_advantage["batches"]} == {1.0}
@@ -135,12 +139,13 @@ def test_exhaustion_can_train_on_the_kept_groups(tiny_model_path, tmp_path):
     assert result["batches"][-1]["metrics"]["dynamic_sampling/exhausted_total"] == len(exhausted)
 
 
-def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("algorithm, port", [("grpo", 29541), ("gpg", 29542)])
+def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_path, algorithm, port):
     out = tmp_path / "two"
     out.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     command = [str(ACCELERATE), "launch", "--config_file", str(CPU_2PROC), "--num_processes", "2",
-               "--main_process_port", "29541", str(SCRIPT), "grpo", str(tiny_model_path), str(out), "{}"]
+               "--main_process_port", str(port), str(SCRIPT), algorithm, str(tiny_model_path), str(out), "{}"]
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-5000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
@@ -152,11 +157,17 @@ def test_two_processes_end_every_round_with_the_same_rows(tiny_model_path, tmp_p
         assert batch0["num_items_in_batch"] == batch1["num_items_in_batch"]
         assert set(batch0["prompts"]) | set(batch1["prompts"]) <= MIXED
     assert ranks[0]["losses"] == ranks[1]["losses"]
+    # the trained batch over both processes holds mixed groups only: GPG's alpha = B / (B - 0) = 1 there, whatever
+    # share of zero-variance groups each round generated (the advantages are computed after the selection)
+    mixed = group_relative_advantages(torch.tensor([1.0, 0.0]), run.NUM_GENERATIONS).abs()[0].item()
+    for rank in ranks:
+        for batch in rank["batches"]:
+            assert batch["advantages"] == pytest.approx([mixed, -mixed] * (len(batch["advantages"]) // 2), abs=1e-5)
 
 
-def _start(out_dir, model_path, pause_after=0, resume=False):
+def _start(out_dir, model_path, pause_after=0, resume=False, **extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    overrides = json.dumps({"max_steps": 6, "save_strategy": "steps", "save_steps": 2})
+    overrides = json.dumps({"max_steps": 6, "save_strategy": "steps", "save_steps": 2, **extra})
     command = [sys.executable, str(SCRIPT), "grpo", str(model_path), str(out_dir), overrides, str(pause_after),
                "resume" if resume else "fresh"]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -167,9 +178,11 @@ def _finish(process):
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
 
 
-def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path):
-    _finish(_start(tmp_path / "a", tiny_model_path))
-    victim = _start(tmp_path / "b", tiny_model_path, pause_after=3)
+@pytest.mark.parametrize("greso", [False, True])
+def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path, greso):
+    # with GRESO the refill rounds come from GRESO's sampler, whose state is GRESO's checkpoint file
+    _finish(_start(tmp_path / "a", tiny_model_path, greso=greso))
+    victim = _start(tmp_path / "b", tiny_model_path, pause_after=3, greso=greso)
     deadline, printed = time.time() + 300, ""
     import select
 
@@ -179,7 +192,7 @@ def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path
             printed += victim.stdout.readline()
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    _finish(_start(tmp_path / "b", tiny_model_path, resume=True))
+    _finish(_start(tmp_path / "b", tiny_model_path, resume=True, greso=greso))
 
     uninterrupted = json.loads((tmp_path / "a" / "rank0.json").read_text())
     resumed = json.loads((tmp_path / "b" / "rank0.json").read_text())
@@ -189,7 +202,15 @@ def test_killed_and_resumed_run_trains_the_same_groups(tiny_model_path, tmp_path
     assert [(b["prompts"], b["metrics"]) for b in resumed["batches"]] == [(b["prompts"], b["metrics"]) for b in later]
     for step in ("3", "4", "5", "6"):
         assert resumed["losses"][step] == pytest.approx(uninterrupted["losses"][step], abs=1e-6)
+    assert any(b["metrics"]["dynamic_sampling/rounds"] > 1 for b in later), "the resumed steps include refills"
     for step in (4, 6):
         state_a = json.loads((tmp_path / "a" / f"checkpoint-{step}" / STATE_FILENAME).read_text())
         state_b = json.loads((tmp_path / "b" / f"checkpoint-{step}" / STATE_FILENAME).read_text())
-        assert state_a == state_b and state_a["stream"]["drawn"] > 0
+        assert state_a == state_b
+        if greso:
+            assert state_a["stream"] is None
+            greso_a = json.loads((tmp_path / "a" / f"checkpoint-{step}" / GRESO_STATE_FILENAME).read_text())
+            greso_b = json.loads((tmp_path / "b" / f"checkpoint-{step}" / GRESO_STATE_FILENAME).read_text())
+            assert greso_a == greso_b
+        else:
+            assert state_a["stream"]["drawn"] > 0

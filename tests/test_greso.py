@@ -598,3 +598,56 @@ def test_dataset_fingerprint_is_stable_and_content_based():
     c = Dataset.from_dict({"row_id": [1, 3, 2], "prompt": ["y", "x", "z"]})
     assert dataset_fingerprint(a) == dataset_fingerprint(b) != dataset_fingerprint(c)
     assert dataset_fingerprint([1, 2]) != dataset_fingerprint([2, 1])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dynamic sampling's refill rounds draw through GRESO (ALGORITHMS.md section 5)
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_refill_never_draws_a_prompt_greso_skips_and_counts_its_skips():
+    flt = GRESOFilter(seed=0, p_easy=0.0, p_hard=0.0, p_min=0.0, min_keep_probability=0.0)  # easy/hard runs: skip
+    sampler = GRESORepeatSampler(list(range(10)), 2, 3, 1, seed=1, greso_filter=flt)
+    always_skipped = {0, 1, 2, 3, 4, 5}
+    for pid in always_skipped:
+        record_kinds(flt, pid, [EASY_ROW if pid % 2 else HARD_ROW])
+    decided, skipped = flt.num_decided, flt.num_skipped
+    chunks = [sampler.draw_refill(2, exclude=()) for _ in range(6)]
+    drawn = [pid for chunk in chunks for pid in chunk.prompt_ids]
+    assert drawn and not set(drawn) & always_skipped
+    assert flt.num_decided - decided == sum(chunk.examined for chunk in chunks)  # the filter's counters see refills
+    assert flt.num_skipped - skipped == sum(chunk.skipped for chunk in chunks) > 0
+    assert all(chunk.skipped_easy + chunk.skipped_hard == chunk.skipped for chunk in chunks)
+    assert sampler.pending_chunks == ()  # refills are not the DataLoader's chunks
+
+
+def test_a_generation_batch_never_holds_a_prompt_twice_across_pass_boundaries():
+    sampler = GRESORepeatSampler(list(range(10)), 2, 3, 1, seed=4, greso_filter=GRESOFilter(seed=0))
+    boundaries = 0
+    for _ in range(20):  # steps of one DataLoader-like chunk and two refills: 9 of the 10 prompts
+        passes = sampler._pass_index
+        step = list(sampler._decide(3).prompt_ids)
+        for _ in range(2):
+            chunk = sampler.draw_refill(3, exclude=step)
+            step += chunk.prompt_ids
+        boundaries += sampler._pass_index != passes
+        assert len(set(step)) == len(step) == 9, step
+    assert boundaries >= 10  # most steps crossed into a new permutation
+    # a generation batch larger than the dataset cannot avoid repeats: it starts over instead of stalling
+    assert len(sampler.draw_refill(4, exclude=range(10)).prompt_ids) == 4
+
+
+def test_refills_resume_from_the_saved_state_with_identical_prompts(tmp_path):
+    def build():
+        flt = GRESOFilter(seed=0)
+        return flt, GRESORepeatSampler(list(range(10)), 2, 3, 1, seed=4, greso_filter=flt)
+
+    flt, sampler = build()
+    rewards = torch.tensor([EASY_ROW[:2]] * 3)
+    for _ in range(3):
+        flt.record(sampler.draw_refill(3).prompt_ids, rewards)
+    flt.save_json(tmp_path / GRESO_STATE_FILENAME)
+    later = [sampler.draw_refill(3, exclude=[1, 2]) for _ in range(4)]
+    resumed_flt, resumed = build()
+    resumed_flt.restore_json(tmp_path / GRESO_STATE_FILENAME)
+    assert [resumed.draw_refill(3, exclude=[1, 2]) for _ in range(4)] == later

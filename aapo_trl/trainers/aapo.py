@@ -15,6 +15,7 @@ from trl.extras.profiling import profiling_context
 
 from ..advantages import aapo_advantages, advantage_margins, combine_reward_functions, group_relative_advantages
 from ..configs import AAPOConfig
+from ..dynamic_sampling import GroupStatistics
 from ..ref_rollouts import CachedReference, attach_ref_rollouts, load_ref_rollouts
 from ..reference import (
     INITIAL_ADAPTER,
@@ -273,10 +274,15 @@ class AAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
             )
         return batched["completion_ids"]
 
-    def compute_advantages(self, rewards, scored: ScoredBatch, output, num_generations, mode):
+    def group_statistics(self, rewards, scored: ScoredBatch, output, num_generations, mode):
         if mode == "eval" and not self.args.eval_reference_rollouts:
+            return GroupStatistics()
+        return GroupStatistics(rows={"ref_rewards": self._reference_rewards(scored, output, num_generations, mode)})
+
+    def batch_advantages(self, rewards, statistics: GroupStatistics, num_generations, mode):
+        if "ref_rewards" not in statistics.rows:  # evaluation without reference rollouts
             return group_relative_advantages(rewards, num_generations, scale=self.scale_rewards)
-        ref_rewards = self._reference_rewards(scored, output, num_generations, mode)
+        ref_rewards = statistics.rows["ref_rewards"]
         args = self.args
         advantages = aapo_advantages(
             rewards,

@@ -7,6 +7,9 @@ TRL owns the loop. We take three seams, calling ``super()`` and replacing one re
 * ``_generate_and_score_completions``: after TRL has built the batch (and its own GRPO advantages),
   we compute our advantage on the *global* rewards, slice this process's rows exactly as TRL does
   (``process_index * local_rows``), and replace ``output["advantages"]`` and the completions table.
+  An advantage is :meth:`~AdvantageTrainerMixin.group_statistics` (what depends on each group's own rows)
+  then :meth:`~AdvantageTrainerMixin.batch_advantages` (every batch-level statistic, on exactly the batch
+  given); dynamic sampling calls the first per round and the second once, on the trained batch.
 * ``_compute_loss``: for ``loss_type in ("aapo", "gpg")``, TRL's own loss computation with the CE loss of
   AAPO Eq. 4 / GPG as its per-token term (see :func:`_cross_entropy_term`); any other loss type is TRL's.
 """
@@ -17,8 +20,9 @@ import json
 import math
 import os
 import warnings
+from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +45,7 @@ from ..dynamic_sampling import STATE_FILENAME as DYNAMIC_SAMPLING_STATE_FILENAME
 from ..dynamic_sampling import STATE_FORMAT as DYNAMIC_SAMPLING_STATE_FORMAT
 from ..dynamic_sampling import (
     DynamicSamplingExhausted,
+    GroupStatistics,
     PromptStream,
     RoundsSelection,
     completions_per_kept_group,
@@ -49,9 +54,12 @@ from ..dynamic_sampling import (
     loss_mask_tokens,
     mask_filler_rows,
     merge_generation_rows,
+    take_group_statistics,
+    take_groups,
+    trained_groups,
 )
+from ..greso import GRESO_STATE_FILENAME, GRESOChunk, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..prompt_truncation import keep_last_tokens
-from ..greso import GRESO_STATE_FILENAME, GRESOFilter, GRESORepeatSampler, dataset_fingerprint
 from ..validation import resolve_reward_funcs, validate_training_dataset
 
 
@@ -72,12 +80,15 @@ class ScoredBatch:
 
 @dataclass
 class _Round:
-    """One generation round: TRL's output for this process and the global rewards / final advantages."""
+    """One dynamic-sampling round: TRL's output for this process (``None`` once no longer needed), the global
+    rewards and group statistics, and the round's rows of TRL's completions table (global order)."""
 
-    output: dict[str, Any]
+    output: dict[str, Any] | None
     rewards: torch.Tensor  # (N_global,), NaN for unscorable rows
-    advantages: torch.Tensor  # (N_global,)
+    statistics: GroupStatistics
     scored: ScoredBatch
+    logged: dict[str, Any] = field(default_factory=dict)
+    greso_chunk: GRESOChunk | None = None  # with GRESO: the round's prompts as GRESO drew them
 
 
 def _ignore_side_channel(*args, **kwargs) -> None:
@@ -147,10 +158,20 @@ class AdvantageTrainerMixin(ModelCardMixin):
         return self._greso_sampler
 
     def _record_greso_rollouts(self, rewards: torch.Tensor, num_generations: int) -> None:
+        """The DataLoader's generation batch was rolled out (without dynamic sampling): GRESO learns from it."""
         (chunk,) = self._greso_sampler.mark_consumed()
+        self._record_greso_chunk(chunk, rewards, num_generations)
+        self._log_greso_skip_rate([chunk])
+
+    def _record_greso_chunk(self, chunk: GRESOChunk, rewards: torch.Tensor, num_generations: int) -> None:
+        """One history entry per rolled-out group of ``chunk``, with the GRESO epoch each prompt was drawn in."""
         self.greso_filter.record(chunk.prompt_ids, rewards.view(-1, num_generations), epoch=chunk.epochs)
-        # the share of candidates skipped to fill this generation batch (decided when the DataLoader pulled it)
-        self._metrics["train"]["greso/skip_rate"].append(chunk.skip_rate)
+
+    def _log_greso_skip_rate(self, chunks: list[GRESOChunk]) -> None:
+        """The share of candidates skipped to fill a generation batch (its refill rounds' candidates included)."""
+        examined = sum(chunk.examined for chunk in chunks)
+        skipped = sum(chunk.skipped for chunk in chunks)
+        self._metrics["train"]["greso/skip_rate"].append(skipped / examined if examined else 0.0)
 
     # ---- dynamic sampling (aapo_trl.dynamic_sampling documents the semantics followed here) ---------------
 
@@ -171,7 +192,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
                 f"dynamic_sampling_accuracy_reward is only read by dynamic_sampling_metric='accuracy', "
                 f"not {args.dynamic_sampling_metric!r}"
             )
-        self.refill_stream = PromptStream(len(dataset), seed=args.seed, shuffle=self.shuffle_dataset)
+        if self.greso_filter is None:  # with GRESO, refills come from GRESO's sampler (aapo_trl.dynamic_sampling)
+            self.refill_stream = PromptStream(len(dataset), seed=args.seed, shuffle=self.shuffle_dataset)
         self._refill_fingerprint = dataset_fingerprint(dataset)
         self._refill_dataset = None  # the DataLoader's view of the dataset, built on first use
 
@@ -186,26 +208,91 @@ class AdvantageTrainerMixin(ModelCardMixin):
 
     def _group_signal(self, round_: _Round, num_generations: int) -> torch.Tensor:
         args = self.args
-        correctness = None
+        correctness = advantages = None
         if args.dynamic_sampling_metric == "accuracy" and args.dynamic_sampling_accuracy_reward is not None:
             column = self.reward_func_names.index(args.dynamic_sampling_accuracy_reward)
             correctness = round_.scored.rewards_per_func[:, column].to(round_.rewards.device)
             correctness = correctness.masked_fill(torch.isnan(round_.rewards), float("nan"))
+        if args.dynamic_sampling_metric == "final_advantage":
+            advantages = self._advantages_of_groups_alone(round_, num_generations)
         return groups_with_signal(
             args.dynamic_sampling_metric,
             num_generations,
             rewards=round_.rewards,
-            advantages=round_.advantages,
+            advantages=advantages,
             correctness=correctness,
             tolerance=args.dynamic_sampling_tolerance,
             correct_threshold=args.dynamic_sampling_correct_threshold,
         )
 
-    def _dynamically_sampled_batch(self, inputs) -> dict[str, Any]:
-        """DAPO's dynamic sampling around TRL's generation: rounds until every process holds its groups with signal.
+    def _advantages_of_groups_alone(self, round_: _Round, num_generations: int) -> torch.Tensor:
+        """Each group's final advantage with the group alone as its batch: the signal of ``"final_advantage"``.
 
-        Every decision comes from the gathered rewards/advantages, so it is the same on every process, and
-        every process runs the same number of rounds (each round is one collective call of TRL's code).
+        Not the round's batch statistics (the round is not what is trained) nor the trained batch's (not chosen
+        yet): a group's fate depends on its own rows only (aapo_trl.dynamic_sampling says what that implies).
+        Nothing is logged: the metrics and warnings belong to the trained batch.
+        """
+        parts = []
+        with self._metrics_discarded("train"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for group in range(round_.rewards.numel() // num_generations):
+                alone = [(0, group)]
+                parts.append(self.batch_advantages(
+                    take_groups([round_.rewards], alone, num_generations),
+                    take_group_statistics([round_.statistics], alone, num_generations),
+                    num_generations,
+                    "train",
+                ))
+        return torch.cat(parts)
+
+    @contextmanager
+    def _metrics_discarded(self, mode: str):
+        kept = self._metrics[mode]
+        self._metrics[mode] = defaultdict(list)
+        try:
+            yield
+        finally:
+            self._metrics[mode] = kept
+
+    def _dynamic_sampling_round(self, inputs, greso_chunk: GRESOChunk | None = None) -> _Round:
+        """One round: TRL's generation and scoring, the group statistics of every group, and GRESO's record.
+
+        ``greso_chunk``: the GRESO-drawn prompts of a refill round; ``None`` for the DataLoader's batch.
+        """
+        num_generations = self.num_generations
+        for column in (self._logs["prompt"], self._logs["completion"], self._logs["advantages"], self._logs["images"],
+                       *self._logs["rewards"].values(), *self._logs["extra"].values()):
+            column.clear()  # what TRL logs now is this round's rows only (_trained_completions_table)
+        with self._generation_round():
+            output, scored, rewards = self._generate_and_score(inputs)
+            statistics = self.group_statistics(rewards, scored, output, num_generations, "train")
+        logged = {
+            "prompt": list(self._logs["prompt"]),
+            "completion": list(self._logs["completion"]),
+            "rewards": {name: list(values) for name, values in self._logs["rewards"].items()},
+            "extra": {name: list(values) for name, values in self._logs["extra"].items()},
+        }
+        if self.greso_filter is not None:
+            if greso_chunk is None:
+                (greso_chunk,) = self._greso_sampler.mark_consumed()
+            self._record_greso_chunk(greso_chunk, rewards, num_generations)
+        return _Round(output, rewards, statistics, scored, logged, greso_chunk)
+
+    def _draw_refill_prompts(self, count: int, rounds: list[_Round]) -> tuple[list[int], GRESOChunk | None]:
+        """Dataset indices of the next refill round: from GRESO's sampler through its filter when GRESO is on
+        (never a prompt already rolled out in this generation batch), else from the refill stream."""
+        if self.greso_filter is None:
+            return self.refill_stream.take(count), None
+        rolled_out = {pid for round_ in rounds for pid in round_.greso_chunk.prompt_ids}
+        chunk = self._greso_sampler.draw_refill(count, exclude=rolled_out)
+        return list(chunk.prompt_ids), chunk
+
+    def _dynamically_sampled_batch(self, inputs) -> dict[str, Any]:
+        """DAPO's dynamic sampling around TRL's generation: rounds until every process holds its groups with signal,
+        then the advantages of the trained batch (selection first, statistics second: aapo_trl.dynamic_sampling).
+
+        Every decision comes from the gathered rewards and group statistics, so it is the same on every process,
+        and every process runs the same number of rounds (each round is one collective call of TRL's code).
         """
         args, accelerator = self.args, self.accelerator
         num_generations = self.num_generations
@@ -213,7 +300,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
             raise RuntimeError(f"the local generation batch ({len(inputs)} rows) does not hold whole groups")
         groups_per_process = len(inputs) // num_generations
         selection = RoundsSelection(accelerator.num_processes, groups_per_process)
-        rounds = [self._generate_score_and_advantage(inputs)]
+        rounds = [self._dynamic_sampling_round(inputs)]
         selection.add_round(self._group_signal(rounds[-1], num_generations))
         exhausted = False
         while not selection.filled:
@@ -226,13 +313,14 @@ class AdvantageTrainerMixin(ModelCardMixin):
                 warnings.warn(f"{message} Training on them (on_exhaustion='train_kept').", stacklevel=2)
                 exhausted = True
                 break
-            prompt_ids = self.refill_stream.take(selection.groups_per_round)
+            prompt_ids, greso_chunk = self._draw_refill_prompts(selection.groups_per_round, rounds)
             start = accelerator.process_index * groups_per_process
             local = prompt_ids[start : start + groups_per_process]
             refill = [self._refill_row(index) for index in local for _ in range(num_generations)]
-            rounds.append(self._generate_score_and_advantage(refill, refill_prompt_ids=prompt_ids))
+            rounds.append(self._dynamic_sampling_round(refill, greso_chunk))
             selection.add_round(self._group_signal(rounds[-1], num_generations))
-            # free the rounds this process can no longer train (neither kept groups nor the earliest fillers)
+            # free the outputs this process can no longer train (neither kept groups nor the earliest fillers);
+            # every round's global rewards and statistics stay: the trained batch spans every process's groups
             needed = {r for r, _, _ in selection.selection(accelerator.process_index, allow_filler=True)}
             for index, round_ in enumerate(rounds):
                 if index not in needed:
@@ -241,13 +329,61 @@ class AdvantageTrainerMixin(ModelCardMixin):
         chosen = selection.selection(accelerator.process_index, allow_filler=exhausted)
         rows = [(r, g * num_generations + k) for r, g, _ in chosen for k in range(num_generations)]
         batch = merge_generation_rows([round_.output for round_ in rounds], rows, self._tokenizer.pad_token_id)
+        trained = trained_groups(selection, allow_filler=exhausted)
+        rewards, advantages = self._trained_batch_advantages(rounds, trained, num_generations)
+        batch["advantages"] = self._local_rows(advantages, len(rows)).to(batch["advantages"].device)
         filler = torch.tensor([is_filler for _, _, is_filler in chosen for _ in range(num_generations)])
         mask_filler_rows(batch, filler)
         device = accelerator.device
         batch["num_items_in_batch"] = accelerator.gather(loss_mask_tokens(batch).to(device)).sum()
+        self._trained_completions_table(rounds, trained, advantages, num_generations)
+        self._log_zero_advantage_metrics(rewards, advantages, num_generations, "train")
+        if self.greso_filter is not None:
+            self._log_greso_skip_rate([round_.greso_chunk for round_ in rounds])
         self.dynamic_sampling_exhausted_batches += exhausted
         self._log_dynamic_sampling_metrics(selection, exhausted)
         return batch
+
+    def _trained_batch_advantages(
+        self, rounds: list[_Round], trained: list[tuple[int, int, bool]], num_generations: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global rewards and final advantages of the trained batch (``trained``: ``(round, global group,
+        is_filler)``), every batch-level statistic computed on its groups with signal; filler groups get 0."""
+        rewards = take_groups([round_.rewards for round_ in rounds], [(r, g) for r, g, _ in trained], num_generations)
+        kept = [(r, g) for r, g, is_filler in trained if not is_filler]
+        advantages = torch.zeros_like(rewards)
+        if kept:
+            kept_rows = torch.tensor(
+                [not is_filler for _, _, is_filler in trained for _ in range(num_generations)], device=rewards.device
+            )
+            statistics = take_group_statistics([round_.statistics for round_ in rounds], kept, num_generations)
+            kept_rewards = take_groups([round_.rewards for round_ in rounds], kept, num_generations)
+            advantages[kept_rows] = self.batch_advantages(kept_rewards, statistics, num_generations, "train").to(
+                advantages.dtype
+            )
+        return rewards, advantages
+
+    def _trained_completions_table(
+        self, rounds: list[_Round], trained: list[tuple[int, int, bool]], advantages: torch.Tensor,
+        num_generations: int,
+    ) -> None:
+        """TRL's completions table (``_logs``) holds the trained batch's rows and advantages, in its order."""
+        rows = [(r, g * num_generations + k) for r, g, _ in trained for k in range(num_generations)]
+
+        def column(get):
+            return [get(rounds[r].logged)[i] if len(get(rounds[r].logged)) > i else None for r, i in rows]
+
+        logs = self._logs
+        for key in ("prompt", "completion"):
+            logs[key].clear()
+            logs[key].extend(column(lambda logged, key=key: logged[key]))
+        for group in ("rewards", "extra"):
+            names = list(dict.fromkeys(name for round_ in rounds for name in round_.logged[group]))
+            logs[group].clear()
+            for name in names:
+                logs[group][name].extend(column(lambda logged, g=group, n=name: logged[g].get(n, [])))
+        logs["advantages"].clear()
+        logs["advantages"].extend(advantages.tolist())
 
     def _log_dynamic_sampling_metrics(self, selection: RoundsSelection, exhausted: bool) -> None:
         metrics = self._metrics["train"]
@@ -266,7 +402,8 @@ class AdvantageTrainerMixin(ModelCardMixin):
         return {
             "format": DYNAMIC_SAMPLING_STATE_FORMAT,
             "dataset_fingerprint": self._refill_fingerprint,
-            "stream": self.refill_stream.state_dict(),
+            # None with GRESO: its sampler draws the refills and is saved with GRESO's state
+            "stream": None if self.refill_stream is None else self.refill_stream.state_dict(),
             "exhausted_batches": self.dynamic_sampling_exhausted_batches,
         }
 
@@ -283,7 +420,13 @@ class AdvantageTrainerMixin(ModelCardMixin):
             raise ValueError(f"{state_file}: unknown format {state.get('format')!r}")
         if state.get("dataset_fingerprint") != self._refill_fingerprint:
             raise ValueError(f"{state_file} was saved for another training dataset (fingerprint differs)")
-        self.refill_stream.load_state_dict(state["stream"], source=state_file)
+        if (state.get("stream") is None) != (self.refill_stream is None):
+            raise ValueError(
+                f"{state_file} was saved by a run {'without' if state.get('stream') is None else 'with'} a refill "
+                f"stream, this run has {'one' if self.refill_stream is not None else 'none'} (greso differs)"
+            )
+        if self.refill_stream is not None:
+            self.refill_stream.load_state_dict(state["stream"], source=state_file)
         self.dynamic_sampling_exhausted_batches = int(state["exhausted_batches"])
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -304,7 +447,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
         """aapo-trl's own state (JSON / safetensors) beside the Trainer's; subclasses add theirs."""
         if self.greso_filter is not None and self.args.should_save:
             self.greso_filter.save_json(os.path.join(checkpoint, GRESO_STATE_FILENAME))
-        if self.refill_stream is not None and self.args.should_save:
+        if getattr(self.args, "dynamic_sampling", False) and self.args.should_save:
             atomic_write_json(os.path.join(checkpoint, DYNAMIC_SAMPLING_STATE_FILENAME), self._dynamic_sampling_state())
 
     def _load_extra_state(self, checkpoint: str) -> None:
@@ -316,7 +459,7 @@ class AdvantageTrainerMixin(ModelCardMixin):
                     "saved by a GRESO run. Resume from a GRESO checkpoint, or start a new run."
                 )
             self.greso_filter.restore_json(state_file)
-        if self.refill_stream is not None:
+        if getattr(self.args, "dynamic_sampling", False):
             self._restore_dynamic_sampling_state(checkpoint)
 
     # ---- seams -------------------------------------------------------------------------------------
@@ -354,14 +497,31 @@ class AdvantageTrainerMixin(ModelCardMixin):
     def _generate_and_score_completions(self, inputs):
         if self.model.training and getattr(self.args, "dynamic_sampling", False):
             return self._dynamically_sampled_batch(inputs)
-        return self._generate_score_and_advantage(inputs).output
+        return self._generate_score_and_advantage(inputs)
 
-    def _generate_score_and_advantage(self, inputs, refill_prompt_ids: list[int] | None = None) -> "_Round":
-        """One call of TRL's generation and scoring, with our advantage in place of TRL's.
+    def _generate_score_and_advantage(self, inputs) -> dict[str, Any]:
+        """One call of TRL's generation and scoring, with our advantage in place of TRL's (no dynamic sampling)."""
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        with self._generation_round():
+            output, scored, rewards = self._generate_and_score(inputs)
+            advantages = self.compute_advantages(rewards, scored, output, num_generations, mode)
+        output["advantages"] = self._local_rows(advantages, scored.num_local_rows).to(output["advantages"].device)
+        self._replace_logged_advantages(advantages)
+        self._log_zero_advantage_metrics(rewards, advantages, num_generations, mode)
+        if self.greso_filter is not None and mode == "train":
+            self._record_greso_rollouts(rewards, num_generations)
+        return output
 
-        ``refill_prompt_ids``: the dataset indices of a dynamic-sampling refill round (all processes' prompts, in
-        TRL's gathered order), for GRESO's history; ``None`` for the DataLoader's generation batch.
-        """
+    @contextmanager
+    def _generation_round(self):
+        """Around one generation round: TRL's generation and scoring and the group statistics of its rows
+        (subclasses hook what must span both, e.g. ZAPO's statistics recorded during generation)."""
+        yield
+
+    def _generate_and_score(self, inputs) -> tuple[dict[str, Any], ScoredBatch, torch.Tensor]:
+        """TRL's generation and scoring: its output for this process, what it scored, and the combined global
+        rewards (NaN for unscorable rows)."""
         self._last_scored = None
         output = super()._generate_and_score_completions(inputs)
         scored = self._last_scored
@@ -370,20 +530,10 @@ class AdvantageTrainerMixin(ModelCardMixin):
                 "GRPOTrainer did not call _calculate_rewards; aapo-trl is pinned to trl==1.16.0, check the version."
             )
         mode = "train" if self.model.training else "eval"
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
         rewards = combine_reward_functions(scored.rewards_per_func, self.reward_weights)
         rewards = rewards.masked_fill(self._unscorable_completions(scored.completion_ids).to(rewards.device), float("nan"))
         self._metrics[mode]["unscorable/frac_rows"].append(torch.isnan(rewards).float().mean().item())
-        advantages = self.compute_advantages(rewards, scored, output, num_generations, mode)
-        output["advantages"] = self._local_rows(advantages, scored.num_local_rows).to(output["advantages"].device)
-        self._replace_logged_advantages(advantages)
-        self._log_zero_advantage_metrics(rewards, advantages, num_generations, mode)
-        if self.greso_filter is not None and mode == "train":
-            if refill_prompt_ids is None:
-                self._record_greso_rollouts(rewards, num_generations)
-            else:  # a dynamic-sampling refill round: not GRESO-filtered, but GRESO learns from it
-                self.greso_filter.record(refill_prompt_ids, rewards.view(-1, num_generations))
-        return _Round(output, rewards, advantages, scored)
+        return output, scored, rewards
 
     def _compute_loss(self, model, inputs):
         if self.loss_type not in CE_LOSS_TYPES:
@@ -410,7 +560,24 @@ class AdvantageTrainerMixin(ModelCardMixin):
     def compute_advantages(
         self, rewards: torch.Tensor, scored: ScoredBatch, output: dict, num_generations: int, mode: str
     ) -> torch.Tensor:
-        """The final advantage of every row of the *global* batch (1-D, length N_global)."""
+        """The final advantage of every row of the *global* batch of one generation round (1-D, length N_global)."""
+        statistics = self.group_statistics(rewards, scored, output, num_generations, mode)
+        return self.batch_advantages(rewards, statistics, num_generations, mode)
+
+    def group_statistics(
+        self, rewards: torch.Tensor, scored: ScoredBatch, output: dict, num_generations: int, mode: str
+    ) -> GroupStatistics:
+        """What the advantage needs besides the rewards and that depends on each group's own rows only (AAPO's
+        reference rewards, ZAPO's entropies), for every row / group of one round's *global* batch. Collective
+        work (reference sampling, forward passes) belongs here: it runs once per generation round."""
+        return GroupStatistics()
+
+    def batch_advantages(
+        self, rewards: torch.Tensor, statistics: GroupStatistics, num_generations: int, mode: str
+    ) -> torch.Tensor:
+        """The final advantage of every row of a global batch from its rewards and :meth:`group_statistics`; every
+        batch-level statistic is computed here, on exactly the batch given, and so are the method's metrics.
+        Pure: no collective (dynamic sampling calls it on every process with the same trained batch)."""
         raise NotImplementedError
 
     # ---- helpers -------------------------------------------------------------------------------------

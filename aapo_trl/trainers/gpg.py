@@ -22,6 +22,6 @@ class GPGTrainer(AdvantageTrainerMixin, GRPOTrainer):
             raise TypeError(f"GPGTrainer needs a GPGConfig, got {type(args).__name__}")
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
 
-    def compute_advantages(self, rewards, scored, output, num_generations, mode):
+    def batch_advantages(self, rewards, statistics, num_generations, mode):
         return gpg_advantages(rewards, num_generations, scale=self.scale_rewards)
 

@@ -14,5 +14,5 @@ class GRPOBaselineTrainer(AdvantageTrainerMixin, GRPOTrainer):
     _tag_names = ["trl", "grpo"]
     _name = "GRPO"
 
-    def compute_advantages(self, rewards, scored, output, num_generations, mode):
+    def batch_advantages(self, rewards, statistics, num_generations, mode):
         return group_relative_advantages(rewards, num_generations, scale=self.scale_rewards)

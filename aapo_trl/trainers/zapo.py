@@ -40,6 +40,7 @@ from trl.models.utils import disable_gradient_checkpointing
 
 from ..configs import ZAPOConfig, trains_on_stale_samples
 from ..devices import run_on_cpu
+from ..dynamic_sampling import GroupStatistics
 from ..entropy import (
     generation_sequence_statistics,
     group_semantic_entropies,
@@ -291,21 +292,30 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
     # ---- advantage --------------------------------------------------------------------------------------
 
-    def compute_advantages(self, rewards, scored: ScoredBatch, output, num_generations, mode):
+    def group_statistics(self, rewards, scored: ScoredBatch, output, num_generations, mode):
+        """DAER's entropies (SE and K per group, TE per row; NaN where not computed) of the zero-advantage groups."""
+        easy, hard = classify_zero_advantage_groups(rewards, num_generations, self.args.correct_threshold)
+        se = torch.full((easy.numel(),), float("nan"), device=rewards.device)
+        te = torch.full_like(rewards, float("nan"))
+        k = se.clone()
+        needs_entropy = easy | hard
+        if self.args.use_daer and bool(needs_entropy.any()):
+            se, te, k = self._entropies(scored, output, needs_entropy, num_generations, self.current_step())
+        return GroupStatistics(rows={"te": te}, groups={"se": se, "k": k})
+
+    def batch_advantages(self, rewards, statistics: GroupStatistics, num_generations, mode):
+        """ZAPO's advantage of a batch: q (n_easy, n_hard) is this batch's."""
         args = self.args
         step, total = self.current_step(), self.total_steps()
         easy, hard = classify_zero_advantage_groups(rewards, num_generations, args.correct_threshold)
         metrics = self._metrics[mode]
         metrics["zapo/easy_groups"].append(float(easy.sum()))
         metrics["zapo/hard_groups"].append(float(hard.sum()))
-        se = torch.full((easy.numel(),), float("nan"), device=rewards.device)
-        te = torch.full_like(rewards, float("nan"))
-        needs_entropy = easy | hard
-        if args.use_daer and bool(needs_entropy.any()):
-            se, te, k = self._entropies(scored, output, needs_entropy, num_generations, step)
+        se, te = statistics.groups["se"], statistics.rows["te"]
+        if args.use_daer and bool((easy | hard).any()):
             metrics["zapo/se_mean"].append(_nanmean(se))
             metrics["zapo/te_mean"].append(_nanmean(te))
-            metrics["zapo/k_mean"].append(_nanmean(k))
+            metrics["zapo/k_mean"].append(_nanmean(statistics.groups["k"]))
         result = zapo_advantages(
             rewards, num_generations, se_per_group=se, te_per_row=te, step=step, total_steps=total,
             **self._zapo_kwargs(),
@@ -337,12 +347,14 @@ class ZAPOTrainer(AdvantageTrainerMixin, GRPOTrainer):
 
     # ---- where DAER's statistics come from (zapo_statistics_source) ----------------------------------------
 
-    def _generate_score_and_advantage(self, inputs, refill_prompt_ids=None):
+    @contextmanager
+    def _generation_round(self):
         """One generation round; its statistics are recorded by a pass it runs anyway and used by its advantages."""
         self._statistics_capture = self._statistics_capture_plan()
         self._collected_statistics = None
         try:
-            return super()._generate_score_and_advantage(inputs, refill_prompt_ids)
+            with super()._generation_round():
+                yield
         finally:
             self._statistics_capture = None
             self._collected_statistics = None
