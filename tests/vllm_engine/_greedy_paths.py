@@ -10,8 +10,9 @@ not. So a completion counts as a greedy completion when, at every step, its toke
 engine gives that step: where it leaves the greedy completion, its token must be tied at the maximum in the greedy
 run's own log-probs, and from there on it must be a greedy completion (in the same sense) of the longer prefix.
 
-Pure Python, no vLLM: the engine comes in as ``greedy_decode``, and tests/vllm_engine/test_greedy_paths.py checks the
-rules with hand-made log-probs (an exact tie at the maximum among them) in every environment.
+The check is pure Python: the engine comes in as ``greedy_decode`` (:func:`engine_greedy_decode` for a ``vllm.LLM``),
+and tests/vllm_engine/test_greedy_paths.py checks the rules with hand-made log-probs (an exact tie at the maximum
+among them) in every environment; test_engine_ties.py checks them on the real engine with ties made on purpose.
 """
 
 from __future__ import annotations
@@ -22,11 +23,23 @@ from collections.abc import Callable, Collection, Sequence
 TopLogprobs = dict[int, float]
 # prompts (token ids), max_tokens -> per prompt: its greedy completion and each step's top log-probs
 GreedyDecode = Callable[[list[list[int]], int], list[tuple[list[int], list[TopLogprobs]]]]
+# log-probs per greedy step: enough to see every token tied at the maximum
+TOP_LOGPROBS = 5
 
 
 def tied_at_maximum(token: int, top: TopLogprobs) -> bool:
-    """Whether ``token`` has the step's maximal log-prob (a token missing from ``top`` has not)."""
-    return token in top and top[token] == max(top.values())
+    """Whether ``token`` has the step's maximal log-prob.
+
+    A token missing from ``top`` has not, unless every token of ``top`` is tied at the maximum: then the tie may be
+    wider than ``top`` shows, which raises (ask the engine for more log-probs).
+    """
+    best = max(top.values())
+    if token in top:
+        return top[token] == best
+    if len(top) > 1 and all(logprob == best for logprob in top.values()):
+        raise ValueError(f"all {len(top)} top log-probs tie at the maximum and token {token} is not among them: the "
+                         f"tie may include it; ask for more log-probs per step")
+    return False
 
 
 def is_greedy_path(prompt: Sequence[int], completion: Sequence[int], greedy: tuple[list[int], list[TopLogprobs]],
@@ -74,3 +87,19 @@ def end_token_ids(model_path) -> set[int]:
         configured = None
     ends.update(configured if isinstance(configured, list) else [configured])
     return ends - {None}
+
+
+def engine_greedy_decode(llm, top_logprobs: int = TOP_LOGPROBS) -> GreedyDecode:
+    """A ``vllm.LLM``'s greedy completions with each step's ``top_logprobs`` top log-probs (vLLM's greedy is
+    ``argmax``, its log-probs those of the logits it takes the ``argmax`` of)."""
+    from vllm import SamplingParams
+
+    def greedy_decode(prompts, max_tokens):
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                               SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=top_logprobs),
+                               use_tqdm=False)
+        return [(list(output.outputs[0].token_ids),
+                 [{token: logprob.logprob for token, logprob in step.items()} for step in output.outputs[0].logprobs])
+                for output in outputs]
+
+    return greedy_decode

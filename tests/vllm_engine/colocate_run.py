@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _greedy_paths import end_token_ids, greedy_paths  # noqa: E402
+from _greedy_paths import end_token_ids, engine_greedy_decode, greedy_paths  # noqa: E402
 from _training import CPU_ARGS, hashed_reward, perturb_, perturb_adapter_, prompt_dataset  # noqa: E402
 
 from trl import GRPOConfig  # noqa: E402
@@ -45,8 +45,6 @@ TRAINERS = {"grpo": (GRPOConfig, GRPOBaselineTrainer), "aapo": (AAPOConfig, AAPO
 
 # Tensors that vLLM's Llama keeps unfused under the checkpoint's names (q/k/v and gate/up are fused in vLLM).
 COMPARED = ("model.norm.weight", "model.layers.0.self_attn.o_proj.weight", "model.layers.1.mlp.down_proj.weight")
-# log-probs per greedy step: enough to see every token tied at the maximum
-TOP_LOGPROBS = 5
 
 
 def engine_model(trainer):
@@ -54,20 +52,8 @@ def engine_model(trainer):
     return trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
 
 
-def greedy_decode(trainer, prompts: list[list[int]], max_tokens: int) -> list[tuple[list[int], list[dict]]]:
-    """The engine's greedy completions of ``prompts`` and each step's top log-probs (``_greedy_paths.GreedyDecode``)."""
-    from vllm import SamplingParams
-
-    outputs = trainer.vllm_generation.llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompts],
-        SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS), use_tqdm=False)
-    return [(list(output.outputs[0].token_ids),
-             [{token: logprob.logprob for token, logprob in step.items()} for step in output.outputs[0].logprobs])
-            for output in outputs]
-
-
 def greedy(trainer, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    return [tokens for tokens, _ in greedy_decode(trainer, prompts, max_tokens)]
+    return [tokens for tokens, _ in engine_greedy_decode(trainer.vllm_generation.llm)(prompts, max_tokens)]
 
 
 def engine_tensors(trainer) -> dict[str, torch.Tensor]:
@@ -151,7 +137,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
     def record_greedy_paths(weights: str) -> None:
         """Whether each recorded completion is a greedy completion of the weights the engine holds now."""
         paths = iter(greedy_paths(prompts, [c for call in calls for c in call["completions"]],
-                                  functools.partial(greedy_decode, trainer), max_tokens, ends))
+                                  engine_greedy_decode(trainer.vllm_generation.llm), max_tokens, ends))
         for call in calls:
             call.setdefault("greedy_path_of", {})[weights] = [next(paths) for _ in call["completions"]]
 

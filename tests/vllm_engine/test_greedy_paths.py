@@ -99,6 +99,12 @@ def test_tied_at_maximum():
     top = {35: TIE, 2068: TIE, 7: -3.1}
     assert tied_at_maximum(35, top) and tied_at_maximum(2068, top)
     assert not tied_at_maximum(7, top) and not tied_at_maximum(8, top)
+    assert tied_at_maximum(35, {35: TIE})
+
+
+def test_a_token_missing_from_top_log_probs_that_are_all_tied_is_undecided():
+    with pytest.raises(ValueError, match="all 2 top log-probs tie at the maximum and token 8 is not among them"):
+        tied_at_maximum(8, {35: TIE, 2068: TIE})
 
 
 def test_the_prompts_and_completions_must_pair_up():

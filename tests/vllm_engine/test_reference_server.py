@@ -20,11 +20,10 @@ if importlib.util.find_spec("vllm") is None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _greedy_paths import end_token_ids, greedy_paths  # noqa: E402
+from _greedy_paths import TOP_LOGPROBS, end_token_ids, greedy_paths  # noqa: E402
 from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
 
 MAX_COMPLETION_LENGTH = 8
-TOP_LOGPROBS = 5  # per greedy step: enough to see every token tied at the maximum
 
 
 @pytest.fixture(scope="module")
