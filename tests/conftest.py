@@ -21,7 +21,9 @@ import pytest  # noqa: E402
 LONGEST_FILES_FIRST = (
     "test_deepspeed.py",
     "test_dynamic_sampling_trainer.py",
+    "test_reference_adapters.py",
     "test_resume.py",
+    "test_engine_ties.py",
     "test_gpu_smoke.py",
     "test_reference_vllm.py",
     "test_multiprocess.py",

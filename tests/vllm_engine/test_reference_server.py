@@ -20,6 +20,7 @@ if importlib.util.find_spec("vllm") is None:
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _greedy_paths import TOP_LOGPROBS, end_token_ids, greedy_paths  # noqa: E402
 from _training import CPU_ARGS, Recorder, hashed_reward, perturb_, prompt_dataset  # noqa: E402
 
 MAX_COMPLETION_LENGTH = 8
@@ -32,15 +33,27 @@ def reference_server(embedded_model_path, tmp_path_factory):
 
     log_path = tmp_path_factory.mktemp("reference_server") / "server.log"
     # float32: in bfloat16 two of the recorded prompts' top logits can tie exactly (tokens 35 and 2068: 32.137 and
-    # 32.115 in float32), where top_k=1 sampling picks either at random and greedy the first
+    # 32.115 in float32), where top_k=1 sampling picks either at random and greedy the first (an exact tie that
+    # float32 still produced would be told by the server's log-probs: _greedy_paths.py)
     with vllm_server(embedded_model_path, log_path, dtype="float32") as url:
         yield url
+
+
+def server_greedy_decode(client):
+    """The server's greedy completions and each step's top log-probs (``_greedy_paths.GreedyDecode``)."""
+
+    def greedy_decode(prompts, max_tokens):
+        output = client.generate(prompts=prompts, n=1, temperature=0.0, max_tokens=max_tokens, logprobs=TOP_LOGPROBS)
+        return [(list(ids), [dict(zip(step_tokens, step_logprobs)) for step_tokens, step_logprobs in zip(tokens, lps)])
+                for ids, tokens, lps in zip(output["completion_ids"], output["logprob_token_ids"], output["logprobs"])]
+
+    return greedy_decode
 
 
 def aapo_config(tmp_path, url: str, **overrides):
     from aapo_trl.configs import AAPOConfig
 
-    # top_k=1: every sample is the greedy completion, a function of the prompt and the weights that produced it
+    # top_k=1: every sample is a greedy completion of the weights that produced it (exact ties either way)
     values = dict(CPU_ARGS, output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
                   max_completion_length=MAX_COMPLETION_LENGTH, max_steps=2, top_k=1, reference_source="vllm_server",
                   reference_vllm_server_base_url=url)
@@ -79,11 +92,11 @@ def test_reference_completions_come_from_the_server(reference_server, embedded_m
         assert request["n"] == 2 and len(request["prompts"]) == 2
         assert batch["ref_completion_ids"] == request["completions"]
     # ... which are the served checkpoint's greedy completions, asked again directly
-    independent = VLLMClient(base_url=reference_server, connection_timeout=60)
+    greedy_decode = server_greedy_decode(VLLMClient(base_url=reference_server, connection_timeout=60))
+    ends = end_token_ids(embedded_model_path)
     for request in requests:
-        again = independent.generate(prompts=request["prompts"], n=1, temperature=0.0,
-                                     max_tokens=MAX_COMPLETION_LENGTH)["completion_ids"]
-        assert request["completions"][0::2] == [list(ids) for ids in again]
+        prompts = [prompt for prompt in request["prompts"] for _ in range(request["n"])]
+        assert all(greedy_paths(prompts, request["completions"], greedy_decode, MAX_COMPLETION_LENGTH, ends)), request
     # ... and not the perturbed policy's
     assert any(batch["ref_completion_ids"] != batch["completion_ids"] for batch in recorder.batches)
     assert trainer.reference.weight_updates == 0
