@@ -22,6 +22,7 @@ would still leave the machine fails the run instead of reaching the network.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import pickle
@@ -60,8 +61,6 @@ def lighteval_startup_files(tmp_path):
     nltk_data = tmp_path / "nltk_data"
     for resource in ("punkt", "punkt_tab"):
         (nltk_data / "tokenizers" / resource).mkdir(parents=True)
-
-    import importlib.util
 
     tasks_dir = Path(importlib.util.find_spec("lighteval.tasks.tasks").submodule_search_locations[0])
     tiny_benchmarks = tasks_dir / "tinyBenchmarks.pkl"
