@@ -12,8 +12,8 @@ lighteval 0.13 traps this runner handles:
 
 * **Start-up reaches the network.** ``Registry`` imports every built-in task module; ``tiny_benchmarks``
   downloads a pickle from GitHub and ``ifeval`` calls ``nltk.download`` at import time, and
-  ``mt_bench`` / ``mix_eval`` call ``HfApi.list_models(model_name=...)`` at import time (a Hub call,
-  and a ``TypeError`` with huggingface_hub 1.x/2.x, which dropped that argument). The runner loads
+  ``mt_bench`` / ``mix_eval`` call ``HfApi.list_models(model_name=...)`` at import time (a
+  ``TypeError`` with huggingface_hub 2.x, which dropped that argument). The runner loads
   *only* our task module (:func:`only_these_tasks`) and skips the Hub ``model_info`` call for local
   model folders.
 * **The sample cache is keyed by the model's settings, not its weights.** Two checkpoints saved to the

@@ -24,10 +24,14 @@ Changed, and why:
 * golds that are numbers are turned into text (the extraction only reads ``str``);
 * the dataset location is configurable, so the tasks run offline on a local copy.
 
-Plain ``lighteval accelerate|vllm ... --custom-tasks evaluation/tasks.py`` also works (task names
-``aapo_aime24|0`` ...), configured through these environment variables, but lighteval 0.13's CLI
-imports every built-in task first and two of them reach the network at import time;
-``evaluation/run.py`` and ``aapo-trl eval`` load only this module.
+lighteval's own CLI also runs them, with the ``eval`` extra (which pins ``huggingface_hub<2`` for it):
+``lighteval accelerate "model_name=PATH" "aapo_math_500|0" --custom-tasks evaluation/tasks.py`` (task
+names ``aapo_aime24|0`` ...), configured through these environment variables
+(``tests/test_lighteval_cli.py``); its transformers backend generates greedily (it never turns
+sampling on, so ``AAPO_EVAL_NUM_SAMPLES`` above 1 fails there). Its start-up imports every built-in
+task, which fetches two files unless they are already there (``evaluation/README.md``, "lighteval's
+own CLI"); ``evaluation/run.py`` and ``aapo-trl eval`` load only this module. lighteval's ``vllm``
+command does not run (its vLLM backend needs vllm<0.10.2): use ``aapo-trl eval --backend vllm``.
 
 ``AAPO_EVAL_DATA_DIR``            folder with one sub-folder per benchmark key (``aime24/`` ...)
 ``AAPO_EVAL_DATASET_<KEY>``       a local folder or Hub id for one benchmark (``AAPO_EVAL_DATASET_AIME24``)
