@@ -140,7 +140,11 @@ def test_protocols_and_settings():
     assert (aapo.temperature, aapo.top_p, aapo.num_samples, aapo.max_new_tokens) == (0.6, 0.95, 1, 32768)
     assert aapo.benchmarks == ["aime24", "math_500", "amc23", "minerva", "olympiadbench"]
     zapo = run.EvalConfig(model="m", protocol="zapo", benchmarks="math500").resolved()
-    assert (zapo.temperature, zapo.num_samples, zapo.benchmarks) == (1.0, 4, ["math_500"])
+    assert (zapo.temperature, zapo.top_p, zapo.num_samples, zapo.benchmarks) == (1.0, 0.7, 4, ["math_500"])
+    zapo = run.EvalConfig(model="m", protocol="zapo").resolved()  # ZAPO Table 1's five, AMC of 83 problems
+    assert zapo.benchmarks == ["amc_aimo", "math_500", "minerva", "olympiadbench", "aime24"]
+    assert run.EvalConfig(model="m", protocol="zapo", benchmarks="amc").resolved().benchmarks == ["amc_aimo"]
+    assert zapo.protocol_dict()["prompt"].startswith("GRESO") and "math-verify" in zapo.protocol_dict()["papers_grader"]
     passk = run.EvalConfig(model="m", protocol="aapo-passk", num_samples=16).resolved()
     assert passk.num_samples == 16
     with pytest.raises(ValueError, match="temperature"):
