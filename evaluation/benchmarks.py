@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -120,16 +121,15 @@ class Benchmark:
 
     def final_answer(self, row: Mapping[str, Any]) -> str:
         """The gold *answer* as a solver would box it: the last ``\\boxed{}`` of a gold solution
-        (MATH-500, Minerva), else the gold without its ``$...$`` and final period (OlympiadBench's
-        ``$\\frac{2}{3}$`` -> ``\\frac{2}{3}``, AIME's ``204``). The oracle checks box it."""
+        (MATH-500, Minerva), else the gold without its math ``$`` and final period (OlympiadBench's
+        ``$\\frac{2}{3}$`` -> ``\\frac{2}{3}``, its malformed ``$221,$8$`` -> ``221,8``, AIME's ``204``).
+        The oracle checks box it."""
         gold = self.gold(row)
         boxed = last_boxed(gold)
         if boxed is not None:
             return boxed
         text = gold.strip().rstrip(".").strip()
-        if len(text) > 1 and text.startswith("$") and text.endswith("$"):
-            text = text[1:-1].strip()
-        return text
+        return re.sub(r"(?<!\\)\$", "", text).strip()
 
 
 def answer_of_gold(gold: str) -> str:

@@ -13,10 +13,11 @@ copied):
 few-shot format) if both occur; else the content of the last ``boxed`` (balanced braces; ``\\boxed 5``
 up to the next ``$``); else what follows the last ``he answer is`` / ``final answer is``; else the last
 number (commas dropped). Newlines are dropped, a leading ``:`` and a trailing ``.`` or ``/`` removed,
-then :func:`strip_string` (without the unit word list on Minerva, as the toolkit's ``minerva_math``).
+then :func:`strip_string` (without the unit word list on Minerva, as the toolkit's ``minerva_math``),
+twice, as the toolkit's ``run_execute`` normalises the extracted answer again.
 
 **Golds** (``parse_ground_truth``): MATH-500's and Minerva's from the solution through the same
-extraction; OlympiadBench's ``final_answer[0]`` without outer ``$``; AIME's / AMC's ``answer``; all but
+extraction (MATH-500's normalised once more, Minerva's not); OlympiadBench's ``final_answer[0]`` without outer ``$``; AIME's / AMC's ``answer``; all but
 Minerva's through :func:`strip_string`.
 
 **math_equal**: equal as lower-case text; a single letter A-E against the last A-E of the answer;
@@ -25,14 +26,14 @@ gold, the gold / 100 or the gold x 100; equal once ``{}()`` are dropped (with ``
 an interval the other is not); element-wise for two bracketed lists of the same length or two matrices;
 for equations, ``a = b`` both sides as ``a - (b)`` (either sign), a short left side (``x = 5``) dropped;
 else symbolically: both parsed (LaTeX, then a Python expression), equal as text or as sympy objects, or
-``simplify(a - b) == 0``, or numerically within ``rel_tol=1e-4``, with a 1 s time limit as the
+``simplify(a - b) == 0``, or numerically within ``rel_tol=1e-4``, within a time limit as the
 toolkit's ``timeout=True`` run.
 
 Where this differs from the toolkit, and why: LaTeX is parsed with ``latex2sympy2_extended`` (the
 parser math-verify ships; the toolkit's ``latex2sympy2`` fork and sympy's ANTLR parser need another
 ANTLR runtime); a word number is converted only when the whole answer is English number words (the
-toolkit calls ``word2number``, not a dependency here); the time limit is a signal alarm in the main
-thread (no limit elsewhere) instead of a subprocess.
+toolkit calls ``word2number``, not a dependency here); the time limit is a 5 s signal alarm in the main
+thread (no limit elsewhere) instead of a 1 s subprocess, so that grades do not depend on the machine's load.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ _UNIT_PATTERNS = tuple(re.compile(r"(^|\W)" + word + r"($|\W)") for word in UNIT
 NO_UNIT_STRIPPING = frozenset({"minerva"})
 
 RELATIVE_TOLERANCE = 1e-4
-SYMBOLIC_TIME_LIMIT_S = 1
+#: The toolkit gives a symbolic comparison 1 s (in a subprocess); 5 s here, so that a busy machine does
+#: not turn a slow but decidable comparison into a wrong one (grades must not depend on the load).
+SYMBOLIC_TIME_LIMIT_S = 5
 
 _NUMBER_WORDS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
@@ -212,6 +215,12 @@ def extract_answer(completion: str, bench_key: str) -> str:
     return strip_string(answer, skip_unit=bench_key in NO_UNIT_STRIPPING)
 
 
+def predicted_answer(completion: str, bench_key: str) -> str:
+    """The answer the toolkit grades: ``extract_answer``, then ``strip_string`` once more (its
+    ``run_execute`` normalises the extracted answer again, so ``x \\in [-2,7]`` becomes ``[-2,7]``)."""
+    return strip_string(extract_answer(completion, bench_key), skip_unit=bench_key in NO_UNIT_STRIPPING)
+
+
 def gold_answer(bench_key: str, gold: str) -> str:
     """The toolkit's ``parse_ground_truth`` from the gold text this harness passes (see module doc)."""
     if bench_key in ("math_500", "minerva"):
@@ -349,7 +358,7 @@ def _time_limit(seconds: int) -> Iterator[None]:
 
 def _parse(text: str):
     from latex2sympy2_extended import latex2sympy
-    from sympy.parsing.sympy_parser import parse_expr
+    from sympy.parsing.sympy_parser import parse_expr  # both imported before the time limit starts
 
     for parser in (latex2sympy, parse_expr):
         for candidate in (text.replace("\\\\", "\\"), text):
@@ -363,6 +372,7 @@ def _parse(text: str):
 def symbolic_equal(a: str, b: str) -> bool:
     """Both parsed, then equal as text or objects, ``simplify(a - b) == 0``, equal equations, equal
     numbers within the tolerance, or equal matrices to 3 decimals; False past the time limit."""
+    from latex2sympy2_extended import latex2sympy  # noqa: F401  (imported outside the time limit)
     from sympy import N, simplify
 
     try:
@@ -390,4 +400,4 @@ def symbolic_equal(a: str, b: str) -> bool:
 
 
 __all__ = ["UNIT_WORDS", "extract_answer", "gold_answer", "math_equal", "numeric_equal", "parse_number",
-           "strip_string", "symbolic_equal", "words_to_number"]
+           "predicted_answer", "strip_string", "symbolic_equal", "words_to_number"]

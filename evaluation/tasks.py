@@ -384,7 +384,7 @@ class QwenMathEqual(AnswerGrader):
         return [self.rules.gold_answer(self.bench_key, gold) for gold in doc.get_golds()]
 
     def extract_prediction(self, doc: Doc, text: str) -> list[str]:
-        return [self.rules.extract_answer(text, self.bench_key)]
+        return [self.rules.predicted_answer(text, self.bench_key)]
 
     def matches(self, golds: list[str], predictions: list[str]) -> bool:
         return any(self.rules.math_equal(p, g) for g in golds for p in predictions)

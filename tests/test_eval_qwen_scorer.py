@@ -49,6 +49,12 @@ def test_strip_string_normalises_as_the_toolkit(text, expected):
     assert qwen.strip_string(text) == expected
 
 
+def test_answers_are_normalised_twice_as_the_toolkit_runs_it():
+    gold = "so $-2 \\le x \\le 7$ and $\\boxed{x \\in [-2,7]}$."
+    assert qwen.extract_answer(gold, "math_500") == "x\\in[-2,7]"
+    assert qwen.gold_answer("math_500", gold) == qwen.predicted_answer(CORRECT % "x \\in [-2,7]", "math_500") == "[-2,7]"
+
+
 def test_minerva_keeps_unit_words_and_its_gold_unnormalised():
     assert qwen.strip_string("5 m", skip_unit=True) == "5m"
     assert qwen.extract_answer(CORRECT % "5 m", "minerva") == "5m"

@@ -1,32 +1,15 @@
 """``--scoring papers|robust``: the papers' scorer (lighteval's extractive match, as open-rs configures
 it) stays the default; ``robust`` fixes the ways it marks right answers wrong without accepting wrong
-ones. Checked on the full public sets (``../shared/data/eval``): every benchmark's own gold answer,
-boxed, scores 1 (oracle), and another problem's gold scores 0 in at least 99.5% of pairs (control)."""
+ones: each false-negative class and adversarial wrong answers here, the oracle and control of every
+scorer on the full sets in ``tests/test_eval_oracle_control.py``."""
 
 from __future__ import annotations
-
-import json
-import logging
-import random
-from functools import lru_cache
-from pathlib import Path
 
 import pytest
 
 from aapo_trl.evaluation import evaluation_module
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 CORRECT = "Therefore, the final answer is: $\\boxed{%s}$. I hope it is correct"
-
-#: Control pairs per benchmark: a fixed, seeded sample of 500 (every set has more pairs). At most 2
-#: false matches pass the 99.5% bound; with 0 (as today) the one-sided 95% upper bound on the
-#: false-match rate is 0.6% (rule of three).
-CONTROL_PAIRS = 500
-CONTROL_MIN_ZERO = 0.995
-
-#: Golds that lighteval itself cannot read, so the papers' scorer cannot grade them: kept as it is
-#: (it is the papers' scorer), named here so that nothing else may fail the oracle.
-PAPERS_UNREADABLE_GOLDS = {("olympiadbench", "$221,$8$"): "malformed in the source: read as '221,'"}
 
 tasks = evaluation_module("tasks")
 benchmarks = evaluation_module("benchmarks")
@@ -137,70 +120,19 @@ def test_scoring_is_checked_and_papers_is_the_default():
         evaluation_module("run").EvalConfig(model="m", scoring="lenient").resolved()
 
 
-@lru_cache(maxsize=None)
-def _extracted(key: str, scoring: str):
-    """Each gold and each boxed gold answer extracted once (the control compares them pairwise)."""
-    bench = benchmarks.BENCHMARKS[key]
-    rows = benchmarks.load_rows(bench, data_dir=SHARED_DATA, environ={})
-    scorer = tasks.extractive_match(bench.gold_kind, scoring)
-    docs = [tasks.make_prompt_function(bench)(row, bench.task_name) for row in rows]
-    answers = [bench.final_answer(row) for row in rows]
-    golds = [scorer.extract_golds(doc) for doc in docs]
-    predictions = [scorer.extract_prediction(doc, CORRECT % answer) for doc, answer in zip(docs, answers)]
-    return rows, answers, golds, predictions, scorer
-
-
 def test_the_split_steps_are_the_scorers_own_compute():
     """The oracle/control checks extract once and compare many times; that must grade as compute()."""
     from lighteval.models.model_output import ModelResponse
 
-    for scoring in tasks.SCORINGS:
-        for key, gold, answer in (("olympiadbench", "1,3", "1, 3"), ("math_500", "$\\boxed{5\\%}$", "5"),
-                                  ("aime24", "33", "33"), ("minerva", "$\\boxed{1.6}$", "2")):
-            bench = benchmarks.BENCHMARKS[key]
-            doc = tasks.make_prompt_function(bench)({bench.question_column: "Q", bench.gold_column: gold},
-                                                    bench.task_name)
-            scorer = tasks.extractive_match(bench.gold_kind, scoring)
-            split = scorer.matches(scorer.extract_golds(doc), scorer.extract_prediction(doc, CORRECT % answer))
-            assert float(split) == scorer.compute(doc, ModelResponse(text=[CORRECT % answer])), (scoring, key)
-
-
-needs_shared_data = pytest.mark.skipif(
-    not SHARED_DATA.is_dir(), reason=f"the full benchmark sets are not next to this checkout ({SHARED_DATA})"
-)
-
-
-def every_full_set_and_scorer(test):
-    """Run ``test(key, scoring)`` on each of the five full sets next to the checkout, under both scorers."""
-    test = pytest.mark.parametrize("key", ["aime24", "math_500", "amc23", "minerva", "olympiadbench"])(test)
-    return needs_shared_data(pytest.mark.parametrize("scoring", ["papers", "robust"])(test))
-
-
-@every_full_set_and_scorer
-def test_oracle_every_boxed_gold_answer_scores_one(key, scoring):
-    logging.getLogger("lighteval").setLevel(logging.ERROR)
-    rows, answers, golds, predictions, scorer = _extracted(key, scoring)
-    bench = benchmarks.BENCHMARKS[key]
-    failed = [bench.gold(row) for row, gold, prediction in zip(rows, golds, predictions)
-              if not scorer.matches(gold, prediction)]
-    if scoring == "papers":
-        failed = [gold for gold in failed if (key, gold) not in PAPERS_UNREADABLE_GOLDS]
-    assert len(rows) == bench.num_problems and not failed, failed[:10]
-
-
-def control_pairs(n: int, answers: list[str]) -> list[tuple[int, int]]:
-    """Ordered pairs of different problems whose answers differ as text (problems sharing an answer,
-    e.g. two MATH-500 problems answered ``2``, are not a control), a fixed sample of them."""
-    same = [answer.replace(" ", "") for answer in answers]
-    pairs = [(i, j) for i in range(n) for j in range(n) if i != j and same[i] != same[j]]
-    return pairs if len(pairs) <= CONTROL_PAIRS else random.Random(0).sample(pairs, CONTROL_PAIRS)
-
-
-@every_full_set_and_scorer
-def test_control_another_problems_gold_scores_zero(key, scoring):
-    logging.getLogger("lighteval").setLevel(logging.ERROR)
-    rows, answers, golds, predictions, scorer = _extracted(key, scoring)
-    pairs = control_pairs(len(rows), answers)
-    false_matches = [(answers[i], answers[j]) for i, j in pairs if scorer.matches(golds[i], predictions[j])]
-    assert len(pairs) == CONTROL_PAIRS
-    assert 1 - len(false_matches) / len(pairs) >= CONTROL_MIN_ZERO, false_matches
+    for protocol in ("aapo", "zapo"):
+        for scoring in tasks.SCORINGS:
+            for key, gold, answer in (("olympiadbench", "1,3", "1, 3"), ("math_500", "$\\boxed{5\\%}$", "5"),
+                                      ("aime24", "33", "33"), ("minerva", "$\\boxed{1.6}$", "2"),
+                                      ("minerva", "$\\boxed{6630}$", "6630.65")):
+                bench = benchmarks.BENCHMARKS[key]
+                doc = tasks.make_prompt_function(bench, protocol)(
+                    {bench.question_column: "Q", bench.gold_column: gold}, bench.task_name)
+                scorer = tasks.make_scorer(bench, scoring, protocol)
+                split = scorer.matches(scorer.extract_golds(doc), scorer.extract_prediction(doc, CORRECT % answer))
+                assert float(split) == scorer.compute(doc, ModelResponse(text=[CORRECT % answer])), (
+                    protocol, scoring, key)
