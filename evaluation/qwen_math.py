@@ -17,8 +17,8 @@ then :func:`strip_string` (without the unit word list on Minerva, as the toolkit
 twice, as the toolkit's ``run_execute`` normalises the extracted answer again.
 
 **Golds** (``parse_ground_truth``): MATH-500's and Minerva's from the solution through the same
-extraction (MATH-500's normalised once more, Minerva's not); OlympiadBench's ``final_answer[0]`` without outer ``$``; AIME's / AMC's ``answer``; all but
-Minerva's through :func:`strip_string`.
+extraction (MATH-500's normalised once more, Minerva's not); OlympiadBench's ``final_answer[0]``
+without outer ``$``; AIME's / AMC's ``answer``; all but Minerva's through :func:`strip_string`.
 
 **math_equal**: equal as lower-case text; a single letter A-E against the last A-E of the answer;
 both numbers (commas dropped, a trailing ``%`` divides by 100) and equal within ``rel_tol=1e-4`` to the

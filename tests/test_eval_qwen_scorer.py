@@ -52,7 +52,8 @@ def test_strip_string_normalises_as_the_toolkit(text, expected):
 def test_answers_are_normalised_twice_as_the_toolkit_runs_it():
     gold = "so $-2 \\le x \\le 7$ and $\\boxed{x \\in [-2,7]}$."
     assert qwen.extract_answer(gold, "math_500") == "x\\in[-2,7]"
-    assert qwen.gold_answer("math_500", gold) == qwen.predicted_answer(CORRECT % "x \\in [-2,7]", "math_500") == "[-2,7]"
+    predicted = qwen.predicted_answer(CORRECT % "x \\in [-2,7]", "math_500")
+    assert qwen.gold_answer("math_500", gold) == predicted == "[-2,7]"
 
 
 def test_minerva_keeps_unit_words_and_its_gold_unnormalised():
