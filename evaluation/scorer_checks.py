@@ -55,6 +55,9 @@ KNOWN_ORACLE_MISSES = {
     ("qwen", "olympiadbench", "$f(x)=a x+b$, where $b$ is an arbitrary integer, and $a$ is an arbitrary positive "
                               "integer with $\\mho(a)=0$"): "the toolkit normalises the answer twice and the gold "
                                                             "once; the second pass drops more unit words",
+    ("qwen", "minerva", "Using the doppler shift formula, $\\lambda^{\\prime}= \\boxed{\\lambda_{\\text {red}} / "
+                        "\\sqrt{2}}$."): "the toolkit normalises the answer twice and Minerva's gold once; the "
+                                          "second pass unwraps '\\text{red}' in the answer only",
 }
 
 #: Pairs of different problems' answers that the Qwen2.5-Math toolkit's ``math_equal`` accepts, faithfully
