@@ -4,7 +4,8 @@ lighteval 0.13, with the published numbers beside ours.
     aapo-trl eval --model PATH_OR_HUB_ID [--protocol aapo|aapo-passk|zapo] [--data-dir DIR] ...
     aapo-trl eval --model outputs/my-run            # a run directory: every checkpoint-*/ in turn (sweep)
     aapo-trl eval --results outputs/eval/x/results.json   # re-print the table of stored results
-    aapo-trl eval --prepare-data data/eval                 # save the five sets for an offline machine
+    aapo-trl eval --prepare-data data/eval                 # save the six sets for an offline machine
+    aapo-trl eval --rescore details/ --data-dir data/eval  # re-grade saved generations under every scorer
 
 The lighteval side lives in the repository's ``evaluation/`` folder (tasks, runner, published tables,
 report), which this module loads by path: it must also work inside the separate vLLM environment,
@@ -299,12 +300,20 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"{key}: {path}")
         print(f"\nOffline copy ready: aapo-trl eval --data-dir {args.prepare_data} ...")
         return 0
+    if args.rescore:
+        rescore = evaluation_module("rescore")
+        results = rescore.rescore(args.rescore, protocol=args.protocol, benchmark_names=args.benchmarks,
+                                  data_dir=args.data_dir,
+                                  datasets=evaluation_module("run").parse_dataset_overrides(args.dataset))
+        print(rescore.render_rescored(results, args.protocol))
+        return 0
     if args.results:
         records = _read_records(args.results)
         print(report.render_report(records, base_model=args.compare or args.base_model))
         return 0
     if not args.model:
-        raise SystemExit("aapo-trl eval: give --model PATH_OR_HUB_ID (or --results FILE.json, or --prepare-data DIR)")
+        raise SystemExit("aapo-trl eval: give --model PATH_OR_HUB_ID (or --results FILE.json, --rescore PATH, or "
+                         "--prepare-data DIR)")
     from .models import resolve_model_path
 
     resolved = resolve_model_path(args.model)
@@ -345,8 +354,13 @@ def build_eval_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                              "checkpoint-*/ folders is swept")
     parser.add_argument("--results", nargs="+", default=None, metavar="JSON",
                         help="print the table of stored results instead of evaluating")
+    parser.add_argument("--rescore", nargs="+", default=None, metavar="PATH",
+                        help="re-grade saved generations under every scorer, no model loaded: lighteval details "
+                             "(.parquet, this harness's --save-details or lighteval's) or the Qwen2.5-Math "
+                             "toolkit's output (.jsonl); a folder is searched. Rows are matched to the problems of "
+                             "--data-dir / the Hub sets; --protocol picks the papers grader and what 'amc' means")
     parser.add_argument("--prepare-data", default=None, metavar="DIR",
-                        help="save the benchmarks (--benchmarks, default all five) from the Hub into DIR in the "
+                        help="save the benchmarks (--benchmarks, default all six) from the Hub into DIR in the "
                              "layout --data-dir reads, for an offline machine, and exit")
     parser.add_argument("--output-dir", default=None, help="where results.json / sweep.json and table.md go "
                                                            "(default: outputs/eval/<model name>)")

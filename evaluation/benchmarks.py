@@ -1,6 +1,8 @@
-"""The five benchmarks of the AAPO / ZAPO tables, as the AAPO repository's ``open-rs/evaluate.py``
-(open-rs's and open-r1's ``src/open_r1/evaluate.py``) defines them: datasets, columns, prompt, gold
-kind; plus the unbiased pass@k estimator.
+"""The benchmarks of the AAPO and ZAPO tables: the five of AAPO's, as the AAPO repository's
+``open-rs/evaluate.py`` (open-rs's and open-r1's ``src/open_r1/evaluate.py``) defines them (datasets,
+columns, prompt, gold kind), and ZAPO's AMC, the 83 problems of ``AI-MO/aimo-validation-amc``; each
+protocol's benchmarks and prompt (:data:`PROTOCOL_BENCHMARKS`, :data:`PROTOCOL_PROMPTS`); plus the
+unbiased pass@k estimator.
 
 Pure Python (no lighteval, no torch): ``evaluation/tasks.py`` builds the lighteval tasks from it,
 ``aapo_trl/eval_callback.py`` the in-training evaluation, ``aapo-trl eval`` its command line.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,17 +26,54 @@ MATH_QUERY_TEMPLATE = (
     "Think step by step before answering.\n\n{Question}"
 )
 
+#: ZAPO's evaluation prompt (Sec. 4.1: "following the same settings as GRESO"): GRESO's, the
+#: ``make_prefix`` of its test-set preprocessing scripts (``examples/data_preprocess/test_math500.py``,
+#: ``test_amc.py``, ``test_aime2024.py``, ``test_minervamath.py``, ``test_olympiad.py``; the same text for
+#: every benchmark, trailing space included), sent as the only user message of the chat template,
+#: as verl's dataset does with a ``prompt`` of one ``{"role": "user"}`` message. GRESO's own copies of
+#: those scripts are not in the reference index this was written from; the text is the one of the
+#: GRESO-derived copies (``Urheen/SFPO``, ``Code/SFPO/examples/data_preprocess/test_*.py``, whose
+#: ``train-scripts/generate_dataset.sh`` is GRESO's). Protocol text: keep it byte-identical.
+GRESO_QUERY_TEMPLATE = (
+    "Please solve the following math problem: {Question}. The assistant first thinks about the reasoning process "
+    "step by step and then provides the user with the answer. Return the final answer in \\boxed{{}} tags, for "
+    "example \\boxed{{1}}. Let's solve this step by step. "
+)
+
+#: Prompt name -> template (``{Question}`` is the problem).
+PROMPTS = {"open-rs": MATH_QUERY_TEMPLATE, "greso": GRESO_QUERY_TEMPLATE}
+
 #: open-rs evaluates with ``max_new_tokens=32768`` and this task ``generation_size``.
 DEFAULT_GENERATION_SIZE = 32768
 
 #: The k of AAPO Table 7 (pass@k from 64 samples per problem). pass@1 is always reported.
 PASS_AT_K = (8, 16, 32, 64)
 
-#: ``--scoring``: ``papers`` is lighteval's extractive match as open-rs configures it (the papers'
-#: tables); ``robust`` also accepts what a careful grader accepts and ``papers`` marks wrong
-#: (``evaluation/tasks.py``, :class:`RobustExtractiveMatch`).
-SCORINGS = ("papers", "robust")
+#: ``--scoring``: ``papers`` is the grader of the protocol's paper (AAPO: lighteval's extractive match
+#: as open-rs configures it; ZAPO: GRESO's, the last ``\\boxed{}`` verified with math-verify);
+#: ``robust`` also accepts what a careful grader accepts and ``papers`` marks wrong, never a wrong
+#: answer; ``qwen`` is the Qwen2.5-Math evaluation toolkit's ``math_equal`` (``evaluation/tasks.py``).
+SCORINGS = ("papers", "robust", "qwen")
 DEFAULT_SCORING = "papers"
+
+#: The grader ``--scoring papers`` means under each protocol.
+PAPERS_GRADERS = {"aapo": "open-rs", "aapo-passk": "open-rs", "zapo": "greso"}
+
+#: Each protocol's benchmarks, in the column order of its paper's table (AAPO Table 1; ZAPO Table 1
+#: prints AMC, MATH500, Minerva, Olympiad, AIME24), and its prompt.
+PROTOCOL_BENCHMARKS = {
+    "aapo": ("aime24", "math_500", "amc23", "minerva", "olympiadbench"),
+    "aapo-passk": ("aime24", "math_500", "amc23", "minerva", "olympiadbench"),
+    "zapo": ("amc_aimo", "math_500", "minerva", "olympiadbench", "aime24"),
+}
+PROTOCOL_PROMPTS = {"aapo": "open-rs", "aapo-passk": "open-rs", "zapo": "greso"}
+DEFAULT_PROTOCOL = "aapo"
+
+
+def check_protocol(protocol: str) -> str:
+    if protocol not in PROTOCOL_BENCHMARKS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {', '.join(PROTOCOL_BENCHMARKS)}")
+    return protocol
 
 #: Prefix of every lighteval task name: lighteval's built-ins include ``aime24`` and ``math_500``.
 TASK_PREFIX = "aapo_"
@@ -68,9 +108,11 @@ class Benchmark:
     def task_name(self) -> str:
         return TASK_PREFIX + self.key
 
-    def query(self, row: Mapping[str, Any]) -> str:
-        """The user message for one dataset row."""
-        return MATH_QUERY_TEMPLATE.format(Question=row[self.question_column])
+    def query(self, row: Mapping[str, Any], prompt: str = "open-rs") -> str:
+        """The user message for one dataset row, with the ``prompt`` of :data:`PROMPTS`."""
+        if prompt not in PROMPTS:
+            raise ValueError(f"unknown prompt {prompt!r}; choose from {', '.join(PROMPTS)}")
+        return PROMPTS[prompt].format(Question=row[self.question_column])
 
     def gold(self, row: Mapping[str, Any]) -> str:
         """The gold text for one dataset row (parsed later according to :attr:`gold_kind`)."""
@@ -79,16 +121,23 @@ class Benchmark:
 
     def final_answer(self, row: Mapping[str, Any]) -> str:
         """The gold *answer* as a solver would box it: the last ``\\boxed{}`` of a gold solution
-        (MATH-500, Minerva), else the gold without its ``$...$`` and final period (OlympiadBench's
-        ``$\\frac{2}{3}$`` -> ``\\frac{2}{3}``, AIME's ``204``). The oracle checks box it."""
+        (MATH-500, Minerva), else the gold without its math ``$`` and final period (OlympiadBench's
+        ``$\\frac{2}{3}$`` -> ``\\frac{2}{3}``, its malformed ``$221,$8$`` -> ``221,8``, AIME's ``204``).
+        The oracle checks box it."""
         gold = self.gold(row)
         boxed = last_boxed(gold)
         if boxed is not None:
             return boxed
         text = gold.strip().rstrip(".").strip()
-        if len(text) > 1 and text.startswith("$") and text.endswith("$"):
-            text = text[1:-1].strip()
-        return text
+        return re.sub(r"(?<!\\)\$", "", text).strip()
+
+
+def answer_of_gold(gold: str) -> str:
+    """The final answer in a gold text as verl-style graders take it: the last ``\\boxed{}`` of a
+    solution, else the gold with every ``$`` removed (GRESO's ``test_olympiad.py`` reads
+    ``final_answer[0].replace('$', '')``; AIME / AMC answers are bare numbers)."""
+    boxed = last_boxed(gold)
+    return boxed.strip() if boxed is not None else gold.replace("$", "").strip()
 
 
 def last_boxed(text: str) -> str | None:
@@ -107,7 +156,8 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-#: In the column order of AAPO Table 1.
+#: AAPO Table 1's five in its column order, then ZAPO's AMC (``amc_aimo``: AMC 12A/B 2022 + 2023, the
+#: 83 problems of ZAPO App. B; ``id`` restarts per year there, ``url`` is the unique key).
 BENCHMARKS: dict[str, Benchmark] = {
     b.key: b
     for b in (
@@ -118,6 +168,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark(
             "olympiadbench", "OlympiadBench", "knoveleng/OlympiadBench", "train", "question", "answer", "latex", 675
         ),
+        Benchmark("amc_aimo", "AMC (83)", "AI-MO/aimo-validation-amc", "train", "problem", "answer", "expr", 83),
     )
 }
 BENCHMARK_KEYS = tuple(BENCHMARKS)
@@ -133,17 +184,27 @@ _ALIASES = {
     "minerva_math": "minerva",
     "olympiad": "olympiadbench",
     "olympiad_bench": "olympiadbench",
+    "aimo_amc": "amc_aimo",
+    "amc83": "amc_aimo",
+    "aimo_validation_amc": "amc_aimo",
+    "ai_mo/aimo_validation_amc": "amc_aimo",
 }
 
+#: Under ZAPO's protocol ``amc`` is its AMC (83 problems), not AMC23.
+_PROTOCOL_ALIASES = {"zapo": {"amc": "amc_aimo"}}
 
-def benchmark(name: str | Benchmark) -> Benchmark:
-    """The benchmark for a key, an alias (``math500``), a task name (``aapo_aime24|0``) or a title."""
+
+def benchmark(name: str | Benchmark, protocol: str = DEFAULT_PROTOCOL) -> Benchmark:
+    """The benchmark for a key, an alias (``math500``; ``amc`` is AMC23 under AAPO's protocol and the
+    83-problem AMC under ZAPO's), a task name (``aapo_aime24|0``) or a title."""
     if isinstance(name, Benchmark):
         return name
     key = str(name).strip().split("|")[0].split(":")[0]
     if key.startswith(TASK_PREFIX):
         key = key[len(TASK_PREFIX) :]
     lowered = key.lower().replace("-", "_")
+    if lowered in _PROTOCOL_ALIASES.get(protocol, {}):
+        return BENCHMARKS[_PROTOCOL_ALIASES[protocol][lowered]]
     for candidate in BENCHMARKS.values():
         if lowered in (candidate.key, candidate.title.lower().replace("-", "_")):
             return candidate
@@ -152,16 +213,19 @@ def benchmark(name: str | Benchmark) -> Benchmark:
     raise KeyError(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARK_KEYS)}")
 
 
-def parse_benchmarks(names: str | Sequence[str] | None) -> list[Benchmark]:
-    """``None``/``"all"`` -> all five, else the named ones (comma-separated or a list), in table order."""
+def parse_benchmarks(names: str | Sequence[str] | None, protocol: str = DEFAULT_PROTOCOL) -> list[Benchmark]:
+    """``None``/``"all"`` -> the protocol's five, else the named ones (comma-separated or a list), in
+    the protocol's table order (a benchmark outside it after them)."""
+    order = list(PROTOCOL_BENCHMARKS[check_protocol(protocol)])
+    order += [key for key in BENCHMARKS if key not in order]
     if names is None:
-        return list(BENCHMARKS.values())
+        return [BENCHMARKS[key] for key in PROTOCOL_BENCHMARKS[protocol]]
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]
     if not names or any(str(n).strip().lower() == "all" for n in names):
-        return list(BENCHMARKS.values())
-    wanted = {benchmark(n).key for n in names}
-    return [b for b in BENCHMARKS.values() if b.key in wanted]
+        return [BENCHMARKS[key] for key in PROTOCOL_BENCHMARKS[protocol]]
+    wanted = {benchmark(n, protocol).key for n in names}
+    return [BENCHMARKS[key] for key in order if key in wanted]
 
 
 def gold_text(value: Any) -> str:
@@ -225,10 +289,11 @@ def resolve_dataset(
     datasets: Mapping[str, str] | None = None,
     data_dir: str | os.PathLike | None = None,
     environ: Mapping[str, str] | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
 ) -> str:
     """Where a benchmark's rows come from; the first that applies wins:
 
-    1. ``datasets[key]`` (a local folder or a Hub id; keys may be aliases);
+    1. ``datasets[key]`` (a local folder or a Hub id; keys may be aliases, read under ``protocol``);
     2. ``data_dir/<key>`` when that folder exists;
     3. ``$AAPO_EVAL_DATASET_<KEY>`` (``AAPO_EVAL_DATASET_MATH_500``);
     4. ``$AAPO_EVAL_DATA_DIR/<key>`` when that folder exists;
@@ -239,7 +304,7 @@ def resolve_dataset(
     """
     bench = benchmark(bench)
     environ = os.environ if environ is None else environ
-    overrides = {benchmark(k).key: v for k, v in (datasets or {}).items()}
+    overrides = {benchmark(k, protocol).key: v for k, v in (datasets or {}).items()}
     if overrides.get(bench.key):
         return str(overrides[bench.key])
     if data_dir is not None and (Path(data_dir) / bench.key).is_dir():
@@ -266,7 +331,7 @@ def prepare_data(
     benchmark_names: str | Sequence[str] | None = None,
     progress: bool = True,
 ) -> dict[str, Path]:
-    """Save the benchmarks' evaluation splits from the Hub into ``directory`` in the layout
+    """Save the benchmarks' evaluation splits (default: all six) from the Hub into ``directory`` in the layout
     ``--data-dir`` reads (``<key>/<split>.jsonl``, the Hub columns), for a machine without network
     access. Returns the written file of each benchmark. A set whose size is not the benchmark's
     full size is saved, with a warning: the results will flag it as a subset."""
@@ -277,7 +342,8 @@ def prepare_data(
 
     root = Path(directory)
     written: dict[str, Path] = {}
-    chosen = parse_benchmarks(benchmark_names)
+    every = benchmark_names is None or (isinstance(benchmark_names, str) and benchmark_names.strip().lower() == "all")
+    chosen = list(BENCHMARKS.values()) if every else parse_benchmarks(benchmark_names)
     bar = tqdm(chosen, desc="benchmarks", unit="set", disable=not progress)
     for bench in bar:
         bar.set_postfix_str(f"{bench.key} <- {bench.hub_id}")
@@ -301,6 +367,14 @@ __all__ = [
     "PASS_AT_K",
     "SCORINGS",
     "DEFAULT_SCORING",
+    "DEFAULT_PROTOCOL",
+    "GRESO_QUERY_TEMPLATE",
+    "PAPERS_GRADERS",
+    "PROMPTS",
+    "PROTOCOL_BENCHMARKS",
+    "PROTOCOL_PROMPTS",
+    "answer_of_gold",
+    "check_protocol",
     "TASK_PREFIX",
     "benchmark",
     "gold_text",

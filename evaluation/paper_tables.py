@@ -28,14 +28,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-#: Benchmark keys in the column order of AAPO Table 1 (the order ``aapo-trl eval`` prints).
+#: Benchmark keys in the column order of AAPO Table 1 (the order ``aapo-trl eval`` prints AAPO's protocol).
 COLUMNS = ("aime24", "math_500", "amc23", "minerva", "olympiadbench")
+#: ZAPO Table 1's columns in its printed order (AMC, Math500, Miner., Olymp., AIME24): its AMC is the 83
+#: problems of ``AI-MO/aimo-validation-amc`` (ZAPO App. B), benchmark key ``amc_aimo``.
+ZAPO_COLUMNS = ("amc_aimo", "math_500", "minerva", "olympiadbench", "aime24")
 TITLES = {
     "aime24": "AIME24",
     "math_500": "MATH-500",
     "amc23": "AMC23",
     "minerva": "Minerva",
     "olympiadbench": "OlympiadBench",
+    "amc_aimo": "AMC (83)",
 }
 
 DEEPSEEK_1_5B = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
@@ -96,8 +100,13 @@ class PublishedRow:
     def source(self) -> str:
         return f"{self.paper.upper()} Table {self.table}"
 
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The benchmark keys of the row's table, in its printed order."""
+        return ZAPO_COLUMNS if self.paper == "zapo" else COLUMNS
+
     def mean_of_scores(self) -> float | None:
-        values = [self.scores.get(c) for c in COLUMNS]
+        values = [self.scores.get(c) for c in self.columns]
         if any(v is None for v in values):
             return None
         return sum(values) / len(values)
@@ -242,7 +251,7 @@ AAPO_TABLE_8 = (
 # Olymp., AIME24, Avg.
 # --------------------------------------------------------------------------------------------------
 
-ZAPO_COLUMN_ORDER = ("amc23", "math_500", "minerva", "olympiadbench", "aime24")
+ZAPO_COLUMN_ORDER = ZAPO_COLUMNS
 
 
 def _zapo_t1(group, base, model, values, average, note=""):
@@ -344,6 +353,7 @@ __all__ = [
     "SOURCES",
     "TABLES",
     "TITLES",
+    "ZAPO_COLUMNS",
     "ZAPO_TABLE_1",
     "canonical_base_model",
     "rows_for",

@@ -3,8 +3,11 @@
 Pure Python: renders results records (the JSON ``evaluation/run.py`` / ``aapo-trl eval`` write) with
 the numbers of ``evaluation/paper_tables.py``.
 
-* the pass@1 table has AAPO Table 1's columns (AIME24, MATH-500, AMC23, Minerva, OlympiadBench, Avg.):
-  the published pass@1 rows of AAPO Tables 1, 6, 8 and ZAPO Table 1 for the base model, then ours;
+* the pass@1 table of AAPO's protocol has AAPO Table 1's columns (AIME24, MATH-500, AMC23, Minerva,
+  OlympiadBench, Avg.): the published pass@1 rows of AAPO Tables 1, 6, 8 for the base model, then ours;
+  the table of ZAPO's protocol (``--protocol zapo``) has ZAPO Table 1's (AMC of 83 problems, MATH-500,
+  Minerva, OlympiadBench, AIME24, Avg.) and its rows: each paper's rows beside results measured as it
+  measured them;
 * when a record has pass@k for k >= 8, a pass@k table in AAPO Table 7's format follows.
 
 Scores print as percentages with one decimal, "–" where there is none; "†" marks the rows the AAPO
@@ -30,6 +33,7 @@ def _sibling(name: str):
 
 
 paper_tables = _sibling("paper_tables")
+SCORINGS = _sibling("benchmarks").SCORINGS
 COLUMNS = paper_tables.COLUMNS
 TITLES = paper_tables.TITLES
 DASH = "–"
@@ -57,6 +61,26 @@ def record_base_model(record: Mapping[str, Any]) -> str | None:
     return None
 
 
+#: Per protocol: the columns and the published tables its results are printed beside.
+LAYOUTS = {
+    "aapo": (COLUMNS, ("AAPO Table 1", "AAPO Table 6", "AAPO Table 8"), ("AAPO Table 7",)),
+    "zapo": (paper_tables.ZAPO_COLUMNS, ("ZAPO Table 1",), ()),
+}
+
+
+def record_protocol(record: Mapping[str, Any]) -> str:
+    """``zapo`` for results of ZAPO's protocol, else ``aapo`` (``aapo-passk`` and older records)."""
+    return "zapo" if (record.get("protocol") or {}).get("name") == "zapo" else "aapo"
+
+
+def report_layout(records: Sequence[Mapping[str, Any]]) -> str:
+    protocols = {record_protocol(r) for r in records}
+    if len(protocols) > 1:
+        raise ValueError("these results were measured under different protocols (aapo and zapo: other "
+                         "benchmarks, prompt and grader); print them separately")
+    return protocols.pop()
+
+
 def _metric(record: Mapping[str, Any], key: str, metric: str) -> float | None:
     bench = record.get("benchmarks", {}).get(key)
     if not bench:
@@ -64,8 +88,8 @@ def _metric(record: Mapping[str, Any], key: str, metric: str) -> float | None:
     return bench.get("metrics", {}).get(metric)
 
 
-def _average(record: Mapping[str, Any], metric: str) -> float | None:
-    values = [_metric(record, key, metric) for key in COLUMNS]
+def _average(record: Mapping[str, Any], metric: str, columns: Sequence[str] = COLUMNS) -> float | None:
+    values = [_metric(record, key, metric) for key in columns]
     if any(v is None for v in values):
         return None
     return sum(values) / len(values)
@@ -93,15 +117,19 @@ def _protocol_line(records: Sequence[Mapping[str, Any]]) -> str:
         if p.get("system_prompt"):
             text += ", with a system prompt"
         text += f", {record_scoring(record)} scorer"
+        if p.get("prompt"):
+            text += f", prompt: {p['prompt']}"
+        if p.get("papers_grader"):
+            text += f", papers grader: {p['papers_grader']}"
         if text not in protocols:
             protocols.append(text)
     return "; ".join(protocols)
 
 
-def _size_line(records: Sequence[Mapping[str, Any]]) -> str | None:
+def _size_line(records: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> str | None:
     partial = []
     for record in records:
-        for key in COLUMNS:
+        for key in columns:
             bench = record.get("benchmarks", {}).get(key)
             if bench and bench.get("num_problems") is not None and bench.get("full_size"):
                 if bench["num_problems"] < bench["full_size"]:
@@ -110,7 +138,7 @@ def _size_line(records: Sequence[Mapping[str, Any]]) -> str | None:
     if not partial:
         return None
     counts = []
-    for key in COLUMNS:
+    for key in columns:
         sizes = sorted({r["benchmarks"][key]["num_problems"] for r in records if key in r.get("benchmarks", {})})
         full = next((r["benchmarks"][key].get("full_size") for r in records if key in r.get("benchmarks", {})), None)
         if sizes:
@@ -126,20 +154,25 @@ def _published_label(row) -> str:
 def pass_at_1_table(
     records: Sequence[Mapping[str, Any]],
     base_model: str | None = None,
-    tables: Iterable[str] | None = ("AAPO Table 1", "AAPO Table 6", "AAPO Table 8", "ZAPO Table 1"),
+    tables: Iterable[str] | None = None,
+    columns: Sequence[str] | None = None,
 ) -> tuple[str, list[str]]:
-    """The pass@1 table and its notes."""
-    header = ["Model", *(TITLES[c] for c in COLUMNS), "Avg.", "Source"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(COLUMNS) + 1) + ["---"]) + "|"]
+    """The pass@1 table and its notes (default: the records' protocol's columns and tables)."""
+    layout = LAYOUTS[report_layout(records) if records else "aapo"]
+    columns = layout[0] if columns is None else columns
+    tables = layout[1] if tables is None else tables
+    header = ["Model", *(TITLES[c] for c in columns), "Avg.", "Source"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(columns) + 1) + ["---"]) + "|"]
     notes: list[str] = []
     for row in paper_tables.rows_for(base_model, tables=tables, metric="pass@1"):
-        cells = [percent(row.scores.get(c), 1.0) for c in COLUMNS] + [percent(row.average, 1.0)]
+        cells = [percent(row.scores.get(c), 1.0) for c in columns] + [percent(row.average, 1.0)]
         source = row.source + (f" ({row.setting})" if row.table == "6" else "")
         lines.append("| " + " | ".join([_published_label(row), *cells, source]) + " |")
         if row.note:
             notes.append(f"{row.source}, {row.model}: {row.note}.")
     for record in records:
-        cells = [percent(_metric(record, c, "pass@1")) for c in COLUMNS] + [percent(_average(record, "pass@1"))]
+        cells = [percent(_metric(record, c, "pass@1")) for c in columns] + [
+            percent(_average(record, "pass@1", columns))]
         lines.append("| " + " | ".join([f"**{record_label(record)}** (ours)", *cells, "this run"]) + " |")
     return "\n".join(lines), notes
 
@@ -151,15 +184,16 @@ def pass_at_k_table(records: Sequence[Mapping[str, Any]], base_model: str | None
                  and int(name.split("@")[1]) > 1})
     if not ks:
         return None
-    header = ["Model", "K", *(TITLES[c] for c in COLUMNS), "Source"]
-    rule = "|" + "|".join(["---", "---:"] + ["---:"] * len(COLUMNS) + ["---"]) + "|"
+    columns, _, passk_tables = LAYOUTS[report_layout(records)]
+    header = ["Model", "K", *(TITLES[c] for c in columns), "Source"]
+    rule = "|" + "|".join(["---", "---:"] + ["---:"] * len(columns) + ["---"]) + "|"
     lines = ["| " + " | ".join(header) + " |", rule]
-    for row in paper_tables.rows_for(base_model, tables=["AAPO Table 7"], metric=None):
-        cells = [percent(row.scores.get(c), 1.0) for c in COLUMNS]
+    for row in paper_tables.rows_for(base_model, tables=passk_tables, metric=None) if passk_tables else []:
+        cells = [percent(row.scores.get(c), 1.0) for c in columns]
         lines.append("| " + " | ".join([row.model, str(row.k), *cells, row.source]) + " |")
     for record in records:
         for k in ks:
-            cells = [percent(_metric(record, c, f"pass@{k}")) for c in COLUMNS]
+            cells = [percent(_metric(record, c, f"pass@{k}")) for c in columns]
             if all(cell == DASH for cell in cells):
                 continue
             lines.append("| " + " | ".join([f"**{record_label(record)}** (ours)", str(k), *cells, "this run"]) + " |")
@@ -170,18 +204,19 @@ def scoring_table(records: Sequence[Mapping[str, Any]]) -> str | None:
     """pass@1 of the same generations under each scorer (``metrics_by_scoring``), or ``None`` when
     no record carries both gradings."""
     lines = []
+    columns = LAYOUTS[report_layout(records)][0]
     for record in records:
-        for scoring in ("papers", "robust"):
+        for scoring in SCORINGS:
             cells = []
-            for key in COLUMNS:
+            for key in columns:
                 graded = (record.get("benchmarks", {}).get(key) or {}).get("metrics_by_scoring") or {}
                 cells.append(percent((graded.get(scoring) or {}).get("pass@1")))
             if any(cell != DASH for cell in cells):
                 lines.append("| " + " | ".join([f"**{record_label(record)}** (ours)", scoring, *cells]) + " |")
     if not lines:
         return None
-    header = "| " + " | ".join(["Model", "Scorer", *(TITLES[c] for c in COLUMNS)]) + " |"
-    rule = "|" + "|".join(["---", "---"] + ["---:"] * len(COLUMNS)) + "|"
+    header = "| " + " | ".join(["Model", "Scorer", *(TITLES[c] for c in columns)]) + " |"
+    rule = "|" + "|".join(["---", "---"] + ["---:"] * len(columns)) + "|"
     return "\n".join([header, rule, *lines])
 
 
@@ -198,6 +233,8 @@ def render_report(
     records = list(records)
     if not records:
         raise ValueError("no results to render")
+    protocol = report_layout(records)
+    columns = LAYOUTS[protocol][0]
     hub = paper_tables.canonical_base_model(base_model) if base_model else record_base_model(records[0])
     parts = []
     if title:
@@ -214,10 +251,15 @@ def render_report(
             lead = f"Published rows: base model {hub}"
         else:
             lead = f"Published rows of {hub}, for comparison (not the evaluated model's base)"
-        parts.append(f"{lead}. † = re-evaluated by the AAPO authors "
-                     "(lighteval + vLLM, temperature 0.6, top_p 0.95); ZAPO Table 1 uses temperature 1.0, "
-                     "4 repeats, verl, and 83 AMC problems.")
-    size_line = _size_line(records)
+        if protocol == "zapo":
+            parts.append(f"{lead}, ZAPO Table 1 (ZAPO's protocol, as GRESO in verl: temperature 1.0, 4 samples per "
+                         "problem, AMC = the 83 problems of AI-MO/aimo-validation-amc; its baselines other than "
+                         "GRESO are copied from SEED-GRPO or their own papers).")
+        else:
+            parts.append(f"{lead}. † = re-evaluated by the AAPO authors "
+                         "(lighteval + vLLM, temperature 0.6, top_p 0.95). ZAPO Table 1 is printed beside results "
+                         "of --protocol zapo (another AMC set, prompt and grader).")
+    size_line = _size_line(records, columns)
     if size_line:
         parts.append(size_line)
     if notes:
@@ -229,11 +271,12 @@ def render_report(
         parts.append(passk)
     graded = scoring_table(records)
     if graded:
-        parts.append("pass@1 (%) of the same generations under each scorer (papers: lighteval's extractive match "
-                     "as the papers ran it; robust: --scoring robust)")
+        papers = "GRESO's grader" if protocol == "zapo" else "lighteval's extractive match as open-rs ran it"
+        parts.append(f"pass@1 (%) of the same generations under each scorer (papers: {papers}; robust: "
+                     "--scoring robust; qwen: the Qwen2.5-Math toolkit's math_equal)")
         parts.append(graded)
     return "\n\n".join(parts)
 
 
-__all__ = ["pass_at_1_table", "pass_at_k_table", "percent", "record_base_model", "record_label", "record_scoring",
-           "render_report", "scoring_table"]
+__all__ = ["LAYOUTS", "pass_at_1_table", "pass_at_k_table", "percent", "record_base_model", "record_label",
+           "record_protocol", "record_scoring", "render_report", "report_layout", "scoring_table"]

@@ -115,11 +115,21 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
     "aapo": {"temperature": 0.6, "top_p": 0.95, "num_samples": 1},
     # AAPO App. D.3 / Table 7: 64 samples per problem, pass@k for k in {8, 16, 32, 64}.
     "aapo-passk": {"temperature": 0.6, "top_p": 0.95, "num_samples": 64},
-    # ZAPO Sec. 4.1 / App. B (as GRESO): temperature 1.0, pass@1, each evaluation repeated 4 times.
-    "zapo": {"temperature": 1.0, "top_p": 1.0, "num_samples": 4},
+    # ZAPO Sec. 4.1 / App. B (as GRESO, in verl): temperature 1.0, pass@1, each evaluation repeated 4
+    # times; top_p 0.7 is GRESO's validation sampling (``actor_rollout_ref.rollout.val_kwargs.top_p=0.7``
+    # in its train-scripts/*.sh, beside ``val_kwargs.temperature=1`` and ``val_kwargs.n=4``). Its
+    # benchmarks (AMC = the 83 of AI-MO/aimo-validation-amc), prompt and grader are GRESO's too
+    # (``evaluation/benchmarks.py``: PROTOCOL_BENCHMARKS, GRESO_QUERY_TEMPLATE; ``tasks.py``:
+    # GresoBoxedMathVerify). ZAPO App. B: at most 2560 new tokens for Qwen2.5-Math, 6144 for R1-Distill.
+    "zapo": {"temperature": 1.0, "top_p": 0.7, "num_samples": 4},
 }
 
 BACKENDS = ("transformers", "vllm")
+
+#: How the records name each protocol's prompt and ``papers`` grader.
+PROMPT_NAMES = {"open-rs": "open-rs MATH_QUERY_TEMPLATE", "greso": "GRESO's prompt (GRESO_QUERY_TEMPLATE)"}
+GRADER_NAMES = {"open-rs": "open-rs lighteval extractive match",
+                "greso": "GRESO's grader: last \\boxed{} verified with math-verify"}
 
 #: Prompts per generate call on the CPU when none is given (each expands to ``num_samples`` sequences).
 CPU_BATCH_SIZE = 8
@@ -181,7 +191,8 @@ class EvalConfig:
         if config.save_details and not config.output_dir:
             raise ValueError("save_details needs output_dir (--lighteval-output-dir): the details would be "
                              "written nowhere")
-        config.benchmarks = [b.key for b in load_sibling("benchmarks").parse_benchmarks(config.benchmarks)]
+        config.benchmarks = [b.key for b in load_sibling("benchmarks").parse_benchmarks(config.benchmarks,
+                                                                                          config.protocol)]
         return config
 
     def protocol_dict(self) -> dict[str, Any]:
@@ -195,7 +206,8 @@ class EvalConfig:
             "seed": self.seed,
             "system_prompt": self.system_prompt,
             "chat_template": "model's (lighteval default)",
-            "prompt": "open-rs MATH_QUERY_TEMPLATE",
+            "prompt": PROMPT_NAMES[load_sibling("benchmarks").PROTOCOL_PROMPTS[self.protocol]],
+            "papers_grader": GRADER_NAMES[load_sibling("benchmarks").PAPERS_GRADERS[self.protocol]],
             "max_samples": self.max_samples,
             "remove_reasoning_tags": self.remove_reasoning_tags,
             "scoring": self.scoring,
@@ -339,6 +351,7 @@ def task_module(config: EvalConfig) -> ModuleType:
         datasets=config.datasets,
         data_dir=config.data_dir,
         scoring=config.scoring,
+        protocol=config.protocol,
     )
     return module
 
@@ -554,7 +567,7 @@ def _run_evaluation(config: EvalConfig, model=None) -> dict[str, Any]:
         docs = {name: len(docs) for name, docs in pipeline.documents_dict.items()}
         lengths = {name: _mean_output_tokens(task_details, stop_ids)
                    for name, task_details in pipeline.get_details().items()}
-        by_scoring = {name: metrics_by_scoring(module, name, task_details, config.num_samples)
+        by_scoring = {name: metrics_by_scoring(module, name, task_details, config.num_samples, config.protocol)
                       for name, task_details in pipeline.get_details().items()}
     finally:
         if not config.keep_cache:
@@ -601,23 +614,32 @@ def _mean_output_tokens(task_details, stop_ids: set[int]) -> float | None:
     return sum(lengths) / len(lengths) if lengths else None
 
 
-def metrics_by_scoring(module: ModuleType, task_name: str, task_details, num_samples: int) -> dict[str, dict]:
-    """The same generations graded by every scorer (``papers`` and ``robust``): per-problem pass@k
-    from each sample's score, averaged over the problems. Generate once, grade twice."""
+def metrics_by_scoring(module: ModuleType, task_name: str, task_details, num_samples: int,
+                       protocol: str = "aapo") -> dict[str, dict]:
+    """The same generations graded by every scorer (``papers``, ``robust``, ``qwen``): per-problem
+    pass@k from each sample's score, averaged over the problems. Generate once, grade under each."""
+    graded_samples = [(detail.doc, list(detail.model_response.final_text)[:num_samples] or [""])
+                      for detail in task_details or []]
+    return grade_by_scoring(task_name, graded_samples, num_samples, protocol)
+
+
+def grade_by_scoring(bench_name: str, samples, num_samples: int | None = None, protocol: str = "aapo",
+                     scorings=None) -> dict[str, dict]:
+    """``{scoring: {"pass@1": ..., ...}}`` for ``samples``, a list of ``(doc, [completion, ...])`` of one
+    benchmark (the docs are not modified). Shared by the runner and ``--rescore``."""
     from lighteval.models.model_output import ModelResponse
 
     tasks = load_sibling("tasks")
     benchmarks = load_sibling("benchmarks")
-    bench = benchmarks.benchmark(task_name)
+    bench = benchmarks.benchmark(bench_name, protocol)
     graded = {}
-    for scoring in tasks.SCORINGS:
-        scorer = tasks.extractive_match(bench.gold_kind, scoring)
+    for scoring in scorings or tasks.SCORINGS:
+        scorer = tasks.make_scorer(bench, scoring, protocol)
         per_problem = []
-        for detail in task_details or []:
-            texts = list(detail.model_response.final_text)[:num_samples] or [""]
-            doc = copy.copy(detail.doc)  # scoring writes doc.specific; keep lighteval's details as they are
+        for doc, texts in samples:
+            doc = copy.copy(doc)  # scoring writes doc.specific; keep lighteval's details as they are
             scores = [float(scorer.compute(doc, ModelResponse(text=[text]))) for text in texts]
-            per_problem.append(benchmarks.pass_at_ks(scores, num_samples))
+            per_problem.append(benchmarks.pass_at_ks(scores, num_samples or len(scores)))
         names = per_problem[0].keys() if per_problem else []
         graded[scoring] = {name: sum(p[name] for p in per_problem) / len(per_problem) for name in names}
     return graded
@@ -689,9 +711,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     benchmarks = load_sibling("benchmarks")
     group = parser.add_argument_group("protocol")
     group.add_argument("--protocol", choices=sorted(PROTOCOLS), default="aapo",
-                       help="aapo: T=0.6, top_p=0.95, n=1; aapo-passk: n=64 (Table 7); zapo: T=1.0, n=4")
+                       help="aapo: T=0.6, top_p=0.95, n=1, open-rs prompt and lighteval grader; aapo-passk: n=64 "
+                            "(Table 7); zapo: GRESO's evaluation (T=1.0, top_p=0.7, n=4, the 83-problem AMC, "
+                            "GRESO's prompt, last \\boxed{} verified with math-verify)")
     group.add_argument("--benchmarks", default="all",
-                       help=f"comma-separated subset of {','.join(benchmarks.BENCHMARK_KEYS)} (default: all)")
+                       help=f"comma-separated subset of {','.join(benchmarks.BENCHMARK_KEYS)} (default: the "
+                            "protocol's five; 'amc' is amc23 under aapo, amc_aimo under zapo)")
     group.add_argument("--num-samples", "-n", type=int, default=None, help="samples per problem (pass@1 = their mean)")
     group.add_argument("--temperature", type=float, default=None)
     group.add_argument("--top-p", type=float, default=None)
@@ -704,9 +729,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                        help="score only the text outside <think>...</think> (lighteval 0.13's default; the "
                             "papers' lighteval 0.8.1 scored the whole completion, as the runner does by default)")
     group.add_argument("--scoring", choices=benchmarks.SCORINGS, default=benchmarks.DEFAULT_SCORING,
-                       help="papers (default): lighteval's extractive match as the papers ran it; robust: also "
-                            "accepts percent answers without the sign and reads OlympiadBench golds written "
-                            "without $...$ as LaTeX (both are always computed; this one fills the tables)")
+                       help="papers (default): the protocol's paper's grader (aapo: lighteval's extractive "
+                            "match as open-rs ran it; zapo: GRESO's); robust: also accepts what papers marks "
+                            "wrong and a grader would not, never a wrong answer (evaluation/README.md); qwen: the "
+                            "Qwen2.5-Math toolkit's math_equal (all are always computed; this one fills the tables)")
     group.add_argument("--max-samples", type=int, default=None,
                        help="evaluate at most this many problems per benchmark (partial numbers)")
     data = parser.add_argument_group("data")

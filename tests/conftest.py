@@ -22,6 +22,7 @@ LONGEST_FILES_FIRST = (
     "test_deepspeed.py",
     "test_dynamic_sampling_trainer.py",
     "test_reference_adapters.py",
+    "test_eval_oracle_control.py",
     "test_resume.py",
     "test_engine_ties.py",
     "test_gpu_smoke.py",

@@ -37,7 +37,7 @@ def test_prepare_data_saves_every_set_where_data_dir_reads_it(tmp_path, monkeypa
     assert main(["eval", "--prepare-data", str(target)]) == 0
     assert sorted(calls) == sorted((b.hub_id, b.split) for b in benchmarks.BENCHMARKS.values())
     out = capsys.readouterr()
-    assert "benchmarks" in out.err and "5/5" in out.err  # the progress bar
+    assert "benchmarks" in out.err and "6/6" in out.err  # the progress bar: all six sets
     assert f"--data-dir {target}" in out.out
     monkeypatch.undo()  # reading back goes through the real datasets.load_dataset, offline
     for bench in benchmarks.BENCHMARKS.values():

@@ -119,7 +119,7 @@ def test_save_details_alone_saves_them_in_the_run_folder_and_results_name_scorer
     assert record["scoring"] == "robust" and record["protocol"]["scoring"] == "robust"
     amc = record["benchmarks"]["amc23"]
     assert amc["num_problems"] == 2 and amc["full_size"] == 40 and amc["subset"] is True and record["subset"]
-    assert set(amc["metrics_by_scoring"]) == {"papers", "robust"}
+    assert set(amc["metrics_by_scoring"]) == {"papers", "robust", "qwen"}
     assert amc["metrics_by_scoring"]["robust"]["pass@1"] == amc["metrics"]["pass@1"]
     table = (out / "table.md").read_text()
     label = record["label"]

@@ -23,7 +23,8 @@ def test_published_rows_have_five_columns_and_consistent_averages():
     assert sizes == {"AAPO Table 1": 20, "AAPO Table 6": 6, "AAPO Table 7": 16, "AAPO Table 8": 12, "ZAPO Table 1": 19}
     mismatched = set()
     for row in paper_tables.ALL_ROWS:
-        assert set(row.scores) == set(paper_tables.COLUMNS)
+        assert set(row.scores) == set(row.columns)
+        assert row.columns == (paper_tables.ZAPO_COLUMNS if row.paper == "zapo" else paper_tables.COLUMNS)
         assert row.base_model in paper_tables.BASE_MODELS
         mean = row.mean_of_scores()
         if mean is not None and row.average is not None and abs(mean - row.average) > 0.1:
@@ -103,4 +104,23 @@ def test_a_model_without_published_rows_gets_ours_only_and_compare_adds_them():
     assert "AAPO Table" not in text and "pass@k" not in text
     compared = report.render_report([record], base_model="Qwen/Qwen2.5-Math-7B")
     assert "| AAPO-7B | 30.0 | 82.4 | 70.0 | 35.3 | 44.3 | 52.4 | AAPO Table 1 |" in compared
-    assert "| ZAPO-7B | 46.6 | 80.7 | 70.8 | 34.8 | 44.0 | 55.4 | ZAPO Table 1 |" in compared  # reordered columns
+    assert "ZAPO Table 1 |" not in compared  # another protocol: printed beside --protocol zapo results only
+
+
+def test_zapo_results_are_printed_beside_zapo_table_1_in_its_columns_with_the_protocol_named():
+    record = json.loads((RESULTS / "r1-distill-1.5b-checkpoint-100.json").read_text())
+    record["protocol"].update(name="zapo", temperature=1.0, top_p=0.7, num_samples=4,
+                              prompt="GRESO's prompt (GRESO_QUERY_TEMPLATE)",
+                              papers_grader="GRESO's grader: last \\boxed{} verified with math-verify")
+    record["benchmarks"]["amc_aimo"] = dict(record["benchmarks"].pop("amc23"), title="AMC (83)", num_problems=83,
+                                            full_size=83)
+    for bench in record["benchmarks"].values():
+        bench["metrics"] = {"pass@1": bench["metrics"]["pass@1"]}
+    text = report.render_report([record])
+    assert "| Model | AMC (83) | MATH-500 | Minerva | OlympiadBench | AIME24 | Avg. | Source |" in text
+    assert "| ZAPO-1.5B (R1-Distill) | 66.3 | 84.1 | 36.4 | 47.7 | 36.6 | 54.2 | ZAPO Table 1 |" in text
+    assert "AAPO Table" not in text
+    assert "protocol zapo: temperature 1.0, top_p 0.7, 4 sample(s)" in text and "GRESO's grader" in text
+    assert "| **checkpoint-100** (ours) | 77.9 | 85.3 | 29.9 | 52.3 | 31.2 |" in text
+    with pytest.raises(ValueError, match="different protocols"):
+        report.render_report([record, json.loads((RESULTS / "r1-distill-1.5b-checkpoint-100.json").read_text())])

@@ -140,7 +140,11 @@ def test_protocols_and_settings():
     assert (aapo.temperature, aapo.top_p, aapo.num_samples, aapo.max_new_tokens) == (0.6, 0.95, 1, 32768)
     assert aapo.benchmarks == ["aime24", "math_500", "amc23", "minerva", "olympiadbench"]
     zapo = run.EvalConfig(model="m", protocol="zapo", benchmarks="math500").resolved()
-    assert (zapo.temperature, zapo.num_samples, zapo.benchmarks) == (1.0, 4, ["math_500"])
+    assert (zapo.temperature, zapo.top_p, zapo.num_samples, zapo.benchmarks) == (1.0, 0.7, 4, ["math_500"])
+    zapo = run.EvalConfig(model="m", protocol="zapo").resolved()  # ZAPO Table 1's five, AMC of 83 problems
+    assert zapo.benchmarks == ["amc_aimo", "math_500", "minerva", "olympiadbench", "aime24"]
+    assert run.EvalConfig(model="m", protocol="zapo", benchmarks="amc").resolved().benchmarks == ["amc_aimo"]
+    assert zapo.protocol_dict()["prompt"].startswith("GRESO") and "math-verify" in zapo.protocol_dict()["papers_grader"]
     passk = run.EvalConfig(model="m", protocol="aapo-passk", num_samples=16).resolved()
     assert passk.num_samples == 16
     with pytest.raises(ValueError, match="temperature"):
@@ -154,3 +158,25 @@ def test_vllm_environment_requirements_are_shipped():
     requirements = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     # lighteval without its vllm extra (it pins vllm<0.10.2): the runner's own backend runs TRL 1.16's vLLM range
     assert {"lighteval==0.13.0", "vllm>=0.22,<=0.31", "xxhash<4"} <= set(requirements)
+
+
+def test_zapo_protocol_runs_the_83_problem_amc_with_gresos_prompt_and_grader(tiny_model_path, tmp_path, no_network,
+                                                                            private_tmp):
+    """`aapo-trl eval --protocol zapo --benchmarks amc` (issue 28): ZAPO's AMC (the fixture's stand-in for the 83
+    problems), GRESO's prompt reaching the model, every scorer, ZAPO's columns."""
+    out = tmp_path / "zapo"
+    code = main(["eval", "--model", str(tiny_model_path), "--protocol", "zapo", "--benchmarks", "amc",
+                 "--data-dir", str(FIXTURES), "--max-new-tokens", "3", "--num-samples", "2", "--batch-size", "8",
+                 "--no-sweep", "--output-dir", str(out)])
+    assert code == 0
+    record = json.loads((out / "results.json").read_text())
+    assert list(record["benchmarks"]) == ["amc_aimo"]
+    amc = record["benchmarks"]["amc_aimo"]
+    assert (amc["task"], amc["num_problems"], amc["full_size"]) == ("aapo_amc_aimo", 3, 83)
+    assert set(amc["metrics_by_scoring"]) == {"papers", "robust", "qwen"}
+    protocol = record["protocol"]
+    sampling = (protocol["name"], protocol["temperature"], protocol["top_p"], protocol["num_samples"])
+    assert sampling == ("zapo", 1.0, 0.7, 2)
+    assert protocol["prompt"].startswith("GRESO") and "math-verify" in protocol["papers_grader"]
+    table = (out / "table.md").read_text()
+    assert "| Model | AMC (83) | MATH-500 | Minerva | OlympiadBench | AIME24 | Avg. | Source |" in table

@@ -29,6 +29,7 @@ HUB_COLUMNS = {
     "minerva": {"problem", "solution", "type", "idx"},
     "olympiadbench": {"id", "question", "solution", "final_answer", "context", "subfield", "unit", "answer_type",
                       "error", "is_multiple_answer", "answer"},
+    "amc_aimo": {"id", "problem", "answer", "url"},
 }
 
 
@@ -37,7 +38,7 @@ def row_with_gold(key: str, gold: str, question: str = "Q?") -> dict:
     bench = benchmarks.BENCHMARKS[key]
     row = {column: None for column in HUB_COLUMNS[key]}
     row[bench.question_column] = question
-    if key in ("aime24", "amc23"):
+    if key in ("aime24", "amc23", "amc_aimo"):
         row["answer"] = gold  # a bare answer, read as an expression
     elif key == "math_500":
         row["solution"] = f"Working... so the answer is $\\boxed{{{gold}}}$."
@@ -92,7 +93,7 @@ def test_expression_golds_keep_open_rs_limits():
 def test_gold_kinds_follow_open_rs():
     kinds = {key: b.gold_kind for key, b in benchmarks.BENCHMARKS.items()}
     assert kinds == {"aime24": "expr", "math_500": "latex", "amc23": "expr", "minerva": "latex",
-                     "olympiadbench": "latex"}
+                     "olympiadbench": "latex", "amc_aimo": "expr"}
     hubs = {key: (b.hub_id, b.split) for key, b in benchmarks.BENCHMARKS.items()}
     assert hubs == {
         "aime24": ("HuggingFaceH4/aime_2024", "train"),
@@ -100,6 +101,7 @@ def test_gold_kinds_follow_open_rs():
         "amc23": ("knoveleng/AMC-23", "train"),
         "minerva": ("knoveleng/Minerva-Math", "train"),
         "olympiadbench": ("knoveleng/OlympiadBench", "train"),
+        "amc_aimo": ("AI-MO/aimo-validation-amc", "train"),
     }
 
 
@@ -126,7 +128,11 @@ def test_task_names_do_not_collide_with_lighteval_builtins():
     builtin_dir = Path(lighteval.__file__).parent / "tasks"
     sources = "\n".join(p.read_text(errors="ignore") for p in builtin_dir.rglob("*.py"))
     builtin_names = set(re.findall(r"""name\s*=\s*["']([^"']+)["']""", sources))
-    ours = {task.name for task in tasks.make_task_configs()}
+    aapo = {task.name for task in tasks.make_task_configs()}
+    zapo = {task.name for task in tasks.make_task_configs(protocol="zapo")}
+    assert aapo == {f"aapo_{key}" for key in ("aime24", "math_500", "amc23", "minerva", "olympiadbench")}
+    assert zapo == {f"aapo_{key}" for key in ("amc_aimo", "math_500", "minerva", "olympiadbench", "aime24")}
+    ours = aapo | zapo
     assert ours == {f"aapo_{key}" for key in benchmarks.BENCHMARK_KEYS}
     assert {"aime24", "math_500"} <= builtin_names  # the names we must avoid do exist there
     assert not ours & builtin_names
@@ -182,7 +188,7 @@ def test_metric_scores_every_sample_once():
 
     bench = benchmarks.BENCHMARKS["aime24"]
     doc = tasks.make_prompt_function(bench)(row_with_gold("aime24", "130"), bench.task_name)
-    metric = tasks.pass_at_k_metric("expr", n=8)
+    metric = tasks.pass_at_k_metric("aime24", n=8)
     texts = [CORRECT % "130", CORRECT % "131"] + ["no idea"] * 5 + [CORRECT % "130"]
     result = metric.compute_sample(doc=doc, model_response=ModelResponse(text=texts))
     assert result == {"pass@1": pytest.approx(2 / 8), "pass@8": pytest.approx(1.0)}
@@ -216,7 +222,7 @@ def fixture_answer(key: str, row: dict) -> str:
         return re.search(r"\\boxed\{(.*)\}\.$", row["solution"]).group(1)
     if key == "olympiadbench":
         return row["answer"].strip("$")
-    return row["answer"]
+    return benchmarks.gold_text(row["answer"])
 
 
 @pytest.mark.parametrize("key", benchmarks.BENCHMARK_KEYS)
@@ -233,3 +239,36 @@ def test_fixtures_have_the_hub_schema_and_score_their_own_answers(key):
     assert (FIXTURES / key / f"{bench.split}.jsonl").is_file()
     first = json.loads((FIXTURES / key / f"{bench.split}.jsonl").read_text().splitlines()[0])
     assert set(first) == HUB_COLUMNS[key]
+
+
+def test_zapo_protocol_is_gresos_benchmarks_prompt_and_grader():
+    """ZAPO evaluates as GRESO: the 83-problem AMC, GRESO's prompt, the last boxed answer verified with
+    math-verify (issue 28)."""
+    assert [b.key for b in benchmarks.parse_benchmarks(None, "zapo")] == [
+        "amc_aimo", "math_500", "minerva", "olympiadbench", "aime24"]
+    assert [b.key for b in benchmarks.parse_benchmarks("amc", "zapo")] == ["amc_aimo"]
+    assert [b.key for b in benchmarks.parse_benchmarks("amc")] == ["amc23"]
+    assert benchmarks.BENCHMARKS["amc_aimo"].num_problems == 83
+    bench = benchmarks.BENCHMARKS["amc_aimo"]
+    doc = tasks.make_prompt_function(bench, "zapo")({"problem": "What is $1+1$?", "answer": 2.0}, "t")
+    assert doc.query == (
+        "Please solve the following math problem: What is $1+1$?. The assistant first thinks about the reasoning "
+        "process step by step and then provides the user with the answer. Return the final answer in \\boxed{} "
+        "tags, for example \\boxed{1}. Let's solve this step by step. ")
+    assert doc.choices == ["2"]
+    assert isinstance(tasks.make_scorer(bench, "papers", "zapo"), tasks.GresoBoxedMathVerify)
+    assert isinstance(tasks.make_scorer(bench, "papers", "aapo"), tasks.PapersExtractiveMatch)
+    with pytest.raises(ValueError, match="protocol"):
+        tasks.make_prompt_function(bench, "grpo")
+
+
+@pytest.mark.parametrize("completion,expected", [
+    ("so $\\boxed{142}$", 1.0),
+    ("$\\boxed{142.0}$", 1.0),
+    ("The answer is 142.", 0.0),  # GRESO's grader reads a boxed answer only
+    ("$\\boxed{142}$ ... no, $\\boxed{143}$", 0.0),  # the last box counts
+    ("$\\boxed{143}$ ... no, $\\boxed{142}$", 1.0),
+])
+def test_greso_grader_verifies_the_last_boxed_answer(completion, expected):
+    row = {"id": 0, "problem": "Q", "answer": 142.0, "url": "u"}
+    assert tasks.score_completion("amc", row, completion, "papers", protocol="zapo") == expected

@@ -55,7 +55,7 @@ def test_the_vllm_backend_evaluates_what_the_transformers_backend_evaluates(embe
     assert vl["protocol"] | {"top_k": None} == hf["protocol"] | {"top_k": None}  # top_k: 0 means "off" for both
     aime_vl, aime_hf = vl["benchmarks"]["aime24"], hf["benchmarks"]["aime24"]
     assert aime_vl["num_problems"] == aime_hf["num_problems"] == PROBLEMS and aime_vl["subset"]
-    assert set(aime_vl["metrics_by_scoring"]) == set(aime_hf["metrics_by_scoring"]) == {"papers", "robust"}
+    assert set(aime_vl["metrics_by_scoring"]) == set(aime_hf["metrics_by_scoring"]) == {"papers", "robust", "qwen"}
     assert aime_vl.keys() == aime_hf.keys()
     assert 0 < aime_vl["mean_output_tokens"] <= 48
 
