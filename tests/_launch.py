@@ -84,7 +84,9 @@ def assert_same_as_single_process(single, double):
     for rows in ("completion_ids", "ref_completion_ids"):  # each rank's own rows (the reference's: AAPO online)
         if single[0][rows] is not None:
             assert double[0][rows] + double[1][rows] == single[0][rows], rows
-    assert double[0]["logged"] == pytest.approx(single[0]["logged"], abs=1e-5)
+    # relative too: ZAPO's entropy means (~6) come from generate's incremental steps in one run and from a forward
+    # pass in the other (ZeRO-3), equal up to float32 rounding (1.8e-5 apart in zapo/te_mean with transformers 5.24)
+    assert double[0]["logged"] == pytest.approx(single[0]["logged"], rel=1e-5, abs=1e-5)
 
 
 def assert_batched_lora_rows_are_not_trivial(single):

@@ -69,6 +69,11 @@ class CollectedStatistics:
     source: str  # "generation" or "old_logps_forward"
 
 
+# generate's name for the KV cache in the model's keyword arguments: ``past_key_values`` up to transformers 5.23,
+# ``cache`` from 5.24 (whose forward takes no other; an unknown keyword would be swallowed by ``**kwargs``)
+KV_CACHE_ARGUMENTS = ("cache", "past_key_values")
+
+
 def generation_statistics_unsupported(generation_config: GenerationConfig | None) -> str | None:
     """Why hooks on ``generate`` with this configuration cannot give each returned row its statistics (None: they can).
 
@@ -153,9 +158,10 @@ class _GenerationRecorder:
         self._pending_log_probs, entropy = temperature_scaled_token_statistics(logits[:, -1], self.temperature)
         self.entropies.append(entropy)
         self._last_hidden = None
-        self._last_step_inputs = {
-            name: kwargs.get(name) for name in ("past_key_values", "attention_mask", "position_ids")
-        }
+        self._last_step_inputs = {name: kwargs.get(name) for name in ("attention_mask", "position_ids")}
+        for cache_argument in KV_CACHE_ARGUMENTS:
+            if kwargs.get(cache_argument) is not None:
+                self._last_step_inputs["cache"] = (cache_argument, kwargs[cache_argument])
         self.steps += 1
 
     def _hidden_of_last_token(self, tokens: torch.Tensor) -> torch.Tensor | None:
@@ -166,7 +172,7 @@ class _GenerationRecorder:
         through the forward pass.
         """
         inputs, self._last_step_inputs = self._last_step_inputs, None
-        if inputs is None or inputs["past_key_values"] is None or inputs["position_ids"] is None:
+        if inputs is None or "cache" not in inputs or inputs["position_ids"] is None:
             return None
         mask, positions = inputs["attention_mask"], inputs["position_ids"]
         if positions.dim() != 2 or (mask is not None and mask.dim() != 2):
@@ -177,8 +183,8 @@ class _GenerationRecorder:
             input_ids=tokens.unsqueeze(1),
             attention_mask=mask,
             position_ids=positions[:, -1:] + 1,
-            past_key_values=inputs["past_key_values"],
             use_cache=True,
+            **dict([inputs["cache"]]),  # under the name generate passed it (the model's forward takes only that one)
         )
         hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
         return hidden[:, -1].detach()
