@@ -23,7 +23,6 @@ flags, each scorer's agreement with them (the fraction of samples graded alike).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
@@ -32,14 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 
-def _sibling(name: str):
-    module_name = f"aapo_eval_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+# Every module of evaluation/ is loaded by the runner's loader (evaluation/run.py, registered as aapo_eval_run; the
+# `aapo-trl eval` CLI, the tests and run.py as a script all go through it): one loader, one module per file.
+_sibling = sys.modules["aapo_eval_run"].load_sibling
 
 
 benchmarks = _sibling("benchmarks")

@@ -100,6 +100,10 @@ def load_sibling(name: str) -> ModuleType:
     return module
 
 
+# Run as a script (python evaluation/run.py), this module is __main__: its siblings find the loader under its usual name.
+sys.modules.setdefault("aapo_eval_run", sys.modules[__name__])
+
+
 def _grad_enabled() -> bool | None:
     torch = sys.modules.get("torch")
     return torch.is_grad_enabled() if torch is not None else None

@@ -24,14 +24,13 @@ from functools import lru_cache
 from pathlib import Path
 
 
-def _sibling(name: str):
-    module_name = f"aapo_eval_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().with_name(f"{name}.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+if "aapo_eval_run" not in sys.modules:  # run as a script: load the runner first, whose loader loads every sibling
+    _runner_spec = importlib.util.spec_from_file_location("aapo_eval_run", Path(__file__).resolve().with_name("run.py"))
+    sys.modules["aapo_eval_run"] = importlib.util.module_from_spec(_runner_spec)
+    _runner_spec.loader.exec_module(sys.modules["aapo_eval_run"])
+# Every module of evaluation/ is loaded by the runner's loader (evaluation/run.py, registered as aapo_eval_run; the
+# `aapo-trl eval` CLI, the tests and run.py as a script all go through it): one loader, one module per file.
+_sibling = sys.modules["aapo_eval_run"].load_sibling
 
 
 benchmarks = _sibling("benchmarks")

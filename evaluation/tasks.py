@@ -67,18 +67,19 @@ from lighteval.tasks.requests import Doc, SamplingMethod
 from lighteval.utils.language import Language
 
 
-def _load_benchmarks():
-    """``evaluation/benchmarks.py``, shared with the runner as ``aapo_eval_benchmarks``."""
-    name = "aapo_eval_benchmarks"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("benchmarks.py"))
+def _load_sibling(name: str):
+    """``evaluation/<name>.py`` as ``aapo_eval_<name>``, the module the runner's loader gives (lighteval's CLI loads
+    this file alone, so it cannot rely on the runner)."""
+    module_name = f"aapo_eval_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, Path(__file__).resolve().with_name(f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
+        sys.modules[module_name] = module
         spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules[module_name]
 
 
-benchmarks = _load_benchmarks()
+benchmarks = _load_sibling("benchmarks")
 Benchmark = benchmarks.Benchmark
 BENCHMARKS = benchmarks.BENCHMARKS
 DEFAULT_GENERATION_SIZE = benchmarks.DEFAULT_GENERATION_SIZE
@@ -382,7 +383,7 @@ class QwenMathEqual(AnswerGrader):
 
     def __init__(self, bench_key: str):
         self.bench_key = bench_key
-        self.rules = _load_qwen_math()
+        self.rules = _load_sibling("qwen_math")
 
     def extract_golds(self, doc: Doc) -> list[str]:
         return [self.rules.gold_answer(self.bench_key, gold) for gold in doc.get_golds()]
@@ -408,17 +409,6 @@ def make_scorer(bench: Benchmark | str, scoring: str = DEFAULT_SCORING, protocol
     if benchmarks.PAPERS_GRADERS[protocol] == "greso":
         return GresoBoxedMathVerify()
     return PapersExtractiveMatch(bench.gold_kind)
-
-
-def _load_qwen_math():
-    """``evaluation/qwen_math.py`` (loaded by path, as this module loads ``benchmarks.py``)."""
-    name = "aapo_eval_qwen_math"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().with_name("qwen_math.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 class PassAtKFromSamples(SamplingMetric, SampleLevelComputation):

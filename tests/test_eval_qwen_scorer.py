@@ -9,7 +9,7 @@ from aapo_trl.evaluation import evaluation_module
 
 tasks = evaluation_module("tasks")
 benchmarks = evaluation_module("benchmarks")
-qwen = tasks._load_qwen_math()
+qwen = evaluation_module("qwen_math")  # the module tasks.py grades with (one aapo_eval_qwen_math per process)
 
 CORRECT = "Therefore, the final answer is: $\\boxed{%s}$. I hope it is correct"
 
